@@ -1,0 +1,430 @@
+"""Attaching, enabling, freezing and detaching a set of adapters on a model."""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import itertools
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import AdapterSpec, parse_config
+from .errors import AttachError, ConfigError, HookadaptError
+from .sites import Adapter, Site
+from .sizes import network_sizes, probe_sizes
+from .targets import RESERVED, candidate_modules, resolve_targets
+
+__all__ = ["AdapterSet", "attach", "adapters", "attached", "state_key"]
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+_serial = itertools.count()
+# Live adapter sets per model, in attach order. Weak on both sides: the model's
+# hooks keep a live set alive, and a collected model drops its entry.
+_LIVE: weakref.WeakKeyDictionary[nn.Module, list[weakref.ref[AdapterSet]]] = weakref.WeakKeyDictionary()
+
+
+def state_key(kind: str, name: str, path: str, tensor: str) -> str:
+    """Return the checkpoint key of one tensor: ``adapters/NAME/SITE/TENSOR`` or ``modules/PATH/TENSOR``."""
+    if kind == "adapters":
+        return f"adapters/{name}/{path}/{tensor}"
+    return f"modules/{path}/{tensor}"
+
+
+def attached(model: nn.Module) -> list[AdapterSet]:
+    """Return the adapter sets attached to ``model``, oldest first."""
+    refs = _LIVE.get(model, [])
+    sets = [ref() for ref in refs]
+    return [adapter_set for adapter_set in sets if adapter_set is not None and adapter_set.is_attached]
+
+
+def _parent_path(path: str) -> str | None:
+    if not path:
+        return None
+    return path.rpartition(".")[0]
+
+
+class AdapterSet:
+    """The live adapters of one `attach` call, their hooks and what detaching must restore.
+
+    Use `attach` or `adapters` to create one. An adapter set is also a
+    context manager that detaches on exit.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: Mapping[str, Any],
+        *,
+        freeze_base: bool = False,
+        example_inputs: Any = None,
+        train_modules: Sequence[str] = (),
+        sizes: Mapping[str, Mapping[str, Sequence[int]]] | None = None,
+    ) -> None:
+        # Everything here builds new objects only; the model changes in `_attach`.
+        if not isinstance(model, nn.Module):
+            msg = f"model must be a torch.nn.Module, got {type(model).__name__}"
+            raise TypeError(msg)
+        self.model = model
+        self.specs: dict[str, AdapterSpec] = parse_config(config)
+        self.freeze_base = bool(freeze_base)
+        self.serial = next(_serial)
+        self.is_attached = False
+
+        live_names = {name: other for other in attached(model) for name in other.specs}
+        clashes = [name for name in self.specs if name in live_names]
+        if clashes:
+            msg = (
+                f"adapter(s) {', '.join(map(repr, clashes))} are already attached to this "
+                f"{type(model).__name__}; detach the adapter set that holds them first "
+                f"(adapter_set.detach(), or hookadapt.attached(model) to find it) or choose other names"
+            )
+            raise AttachError(msg)
+
+        modules = candidate_modules(model)
+        self.train_modules = self._resolve_train_modules(train_modules, modules)
+        targets = {
+            name: resolve_targets(model, name, spec.target, spec.exclude, modules)
+            for name, spec in self.specs.items()
+        }
+
+        probed: dict[tuple[str, str], tuple[int | None, int | None]] = {}
+        if example_inputs is not None:
+            requests = [
+                (name, path, modules[path], self.specs[name])
+                for name, paths in targets.items()
+                for path in paths
+                if not (sizes and path in sizes.get(name, {}))
+            ]
+            try:
+                probed = probe_sizes(model, example_inputs, requests)
+            except HookadaptError:
+                raise
+            except Exception as err:
+                msg = (
+                    f"the probe forward on example_inputs failed with {type(err).__name__}: {err}; "
+                    f"pass inputs that the model accepts as model(*args) for a tuple, model(**kwargs) "
+                    f"for a dict, or model(x) otherwise"
+                )
+                raise AttachError(msg) from err
+
+        # adapters[name][path] is the adapter called `name` at the host `path`.
+        self.adapters: dict[str, dict[str, Adapter]] = {name: {} for name in self.specs}
+        self.sites: list[Site] = []
+        for path, host in modules.items():
+            site_adapters = []
+            for name, spec in self.specs.items():
+                if path not in targets[name]:
+                    continue
+                if sizes and path in sizes.get(name, {}):
+                    in_size, out_size = sizes[name][path]
+                else:
+                    in_size, out_size = network_sizes(name, path, host, spec, probed.get((name, path)))
+                adapter = Adapter(name, path, spec, host, in_size, out_size)
+                adapter.to(device=_device_of(host, model))
+                adapter.network.to(dtype=adapter.dtype)
+                adapter.strategy.to(dtype=adapter.dtype)
+                self.adapters[name][path] = adapter
+                site_adapters.append(adapter)
+            if site_adapters:
+                self.sites.append(Site(path, host, site_adapters))
+
+        self._auxiliary_losses: list[torch.Tensor] = []
+        for adapter in self.all_adapters():
+            adapter.strategy._auxiliary_losses = self._auxiliary_losses
+        self._owners = {adapter: self._owner_of(adapter.path, modules) for adapter in self.all_adapters()}
+        self._flags: dict[nn.Parameter, bool] = {}
+        self._snapshots: dict[str, dict[str, torch.Tensor]] = {}
+
+    # Building helpers.
+
+    def _resolve_train_modules(self, paths: Sequence[str], modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        if isinstance(paths, str):
+            paths = [paths]
+        found = {}
+        for path in paths:
+            if path not in modules:
+                close = [candidate for candidate in modules if candidate and candidate.split(".")[-1] in path][:5]
+                msg = (
+                    f"train_modules entry {path!r} is not a module path of this {type(self.model).__name__}; "
+                    f"give exact paths from model.named_modules(), for example {close or list(modules)[1:4]}"
+                )
+                raise ConfigError(msg)
+            found[path] = modules[path]
+        return found
+
+    def _owner_of(self, path: str, modules: dict[str, nn.Module]) -> tuple[nn.Module, str] | None:
+        # Containers change behaviour when they gain a child, so walk up to the first other module.
+        current: str | None = path
+        while current is not None:
+            module = modules[current]
+            if not isinstance(module, _CONTAINERS):
+                relative = path[len(current):].lstrip(".")
+                return module, relative
+            current = _parent_path(current)
+        return None
+
+    # Attaching and detaching.
+
+    def _attach(self, *, train_values: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
+        """Register every hook and module, or undo what was done and re-raise."""
+        try:
+            for adapter, owner in self._owners.items():
+                if owner is None:
+                    adapter.outside_tree = True
+                    continue
+                module, relative = owner
+                if RESERVED not in module._modules:
+                    module.add_module(RESERVED, nn.ModuleDict())
+                key = adapter.name if not relative else f"{adapter.name}@{relative.replace('.', '/')}"
+                module._modules[RESERVED][key] = adapter
+            self._set_flags()
+            self._snapshot_train_modules()
+            if train_values:
+                self._copy_train_values(train_values)
+            for site in self.sites:
+                site.register()
+            _LIVE.setdefault(self.model, []).append(weakref.ref(self))
+            self.is_attached = True
+        except BaseException:
+            self._undo()
+            raise
+
+    def _set_flags(self) -> None:
+        adapter_params = {id(param) for param in self.parameters(include_train_modules=False)}
+        train_params = {id(param) for module in self.train_modules.values() for param in module.parameters()}
+        for path, param in self.model.named_parameters():
+            if RESERVED in path.split(".") or id(param) in adapter_params:
+                continue
+            if id(param) in train_params:
+                self._flags.setdefault(param, param.requires_grad)
+                param.requires_grad_(True)
+            elif self.freeze_base:
+                self._flags.setdefault(param, param.requires_grad)
+                param.requires_grad_(False)
+
+    def _snapshot_train_modules(self) -> None:
+        for path, module in self.train_modules.items():
+            self._snapshots[path] = {key: value.detach().clone() for key, value in module.state_dict().items()}
+
+    def _copy_train_values(self, values: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        with torch.no_grad():
+            for path, tensors in values.items():
+                state = self.train_modules[path].state_dict(keep_vars=True)
+                for key, value in tensors.items():
+                    state[key].copy_(value)
+
+    def _undo(self) -> None:
+        for site in self.sites:
+            site.remove()
+        for adapter, owner in self._owners.items():
+            adapter.outside_tree = False
+            if owner is None:
+                continue
+            module, relative = owner
+            holder = module._modules.get(RESERVED)
+            if holder is None:
+                continue
+            key = adapter.name if not relative else f"{adapter.name}@{relative.replace('.', '/')}"
+            if key in holder._modules and holder._modules[key] is adapter:
+                del holder._modules[key]
+            if not holder._modules:
+                del module._modules[RESERVED]
+        with torch.no_grad():
+            for path, snapshot in self._snapshots.items():
+                state = self.train_modules[path].state_dict(keep_vars=True)
+                for key, value in snapshot.items():
+                    state[key].copy_(value)
+        self._snapshots.clear()
+        for param, flag in self._flags.items():
+            param.requires_grad_(flag)
+        self._flags.clear()
+        refs = _LIVE.get(self.model)
+        if refs is not None:
+            refs[:] = [ref for ref in refs if ref() is not None and ref() is not self]
+            if not refs:
+                del _LIVE[self.model]
+
+    def detach(self) -> None:
+        """Remove the hooks and modules and restore the model exactly as it was.
+
+        Raises:
+            AttachError: when an adapter set attached later to the same model
+                is still attached; detach that one first.
+        """
+        if not self.is_attached:
+            return
+        later = [other for other in attached(self.model) if other.serial > self.serial]
+        if later:
+            names = ", ".join(repr(name) for other in later for name in other.specs)
+            msg = (
+                f"cannot detach adapters {', '.join(map(repr, self.specs))} while adapters {names}, "
+                f"attached later to the same model, are still attached; adapter sets detach in reverse "
+                f"order of attaching, so detach the later set first"
+            )
+            raise AttachError(msg)
+        self._undo()
+        self.is_attached = False
+
+    def __enter__(self) -> AdapterSet:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.detach()
+
+    # Inspection and parameters.
+
+    @property
+    def names(self) -> list[str]:
+        """The adapter names, in config order."""
+        return list(self.specs)
+
+    def all_adapters(self, names: Iterable[str] | None = None) -> Iterator[Adapter]:
+        """Yield the adapters of ``names`` (every adapter by default), in config order."""
+        for name in self.names if names is None else names:
+            yield from self.adapters[name].values()
+
+    def parameters(self, *, include_train_modules: bool = True) -> Iterator[nn.Parameter]:
+        """Yield the adapters' parameters and, by default, those of the train modules, each once."""
+        seen: set[int] = set()
+        for _, param in self.named_parameters(include_train_modules=include_train_modules):
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield param
+
+    def named_parameters(self, *, include_train_modules: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
+        """Yield ``(checkpoint key, parameter)`` pairs of the adapters and train modules."""
+        for adapter in self.all_adapters():
+            for key, param in adapter.named_parameters():
+                yield state_key("adapters", adapter.name, adapter.path, key), param
+        if include_train_modules:
+            for path, module in self.train_modules.items():
+                for key, param in module.named_parameters():
+                    yield state_key("modules", "", path, key), param
+
+    def state_dict(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """Return the tensors a checkpoint stores, by checkpoint key, detached from autograd."""
+        result = {}
+        for adapter in self.all_adapters(names):
+            for key, value in adapter.state_dict().items():
+                result[state_key("adapters", adapter.name, adapter.path, key)] = value.detach()
+        for path, module in self.train_modules.items():
+            for key, value in module.state_dict().items():
+                result[state_key("modules", "", path, key)] = value.detach()
+        return result
+
+    def sizes(self, names: Iterable[str] | None = None) -> dict[str, dict[str, list[int]]]:
+        """Return the network sizes, ``{name: {site: [in_features, out_features]}}``."""
+        return {
+            name: {path: [adapter.in_features, adapter.out_features] for path, adapter in self.adapters[name].items()}
+            for name in (self.names if names is None else names)
+        }
+
+    # Enabling and disabling.
+
+    def _select(self, patterns: Iterable[str]) -> list[str]:
+        patterns = list(patterns) or ["*"]
+        selected: list[str] = []
+        for pattern in patterns:
+            found = [name for name in self.names if fnmatch.fnmatchcase(name, pattern)]
+            if not found:
+                msg = f"no adapter in this set matches {pattern!r}; the adapters are {', '.join(self.names)}"
+                raise ConfigError(msg)
+            selected.extend(name for name in found if name not in selected)
+        return selected
+
+    def enable(self, *names: str) -> None:
+        """Enable the named adapters (globs allowed); with no names, enable all."""
+        for adapter in self.all_adapters(self._select(names)):
+            adapter.enabled = True
+
+    def disable(self, *names: str) -> None:
+        """Disable the named adapters (globs allowed); with no names, disable all."""
+        for adapter in self.all_adapters(self._select(names)):
+            adapter.enabled = False
+
+    @contextlib.contextmanager
+    def disabled(self, *names: str) -> Iterator[AdapterSet]:
+        """Disable the named adapters (all by default) inside the block, then restore each flag."""
+        chosen = list(self.all_adapters(self._select(names)))
+        before = [adapter.enabled for adapter in chosen]
+        try:
+            for adapter in chosen:
+                adapter.enabled = False
+            yield self
+        finally:
+            for adapter, flag in zip(chosen, before):
+                adapter.enabled = flag
+
+    def auxiliary_loss(self) -> torch.Tensor:
+        """Return the sum of the auxiliary loss terms recorded since the last call, and clear them."""
+        terms = list(self._auxiliary_losses)
+        self._auxiliary_losses.clear()
+        if terms:
+            return torch.stack([term.float() for term in terms]).sum()
+        device = next((param.device for param in self.parameters(include_train_modules=False)), None)
+        return torch.zeros((), device=device)
+
+    def __repr__(self) -> str:
+        from .display import adapter_set_repr
+
+        return adapter_set_repr(self)
+
+
+def _device_of(host: nn.Module, model: nn.Module) -> torch.device:
+    for module in (host, model):
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            return tensor.device
+    return torch.device("cpu")
+
+
+def attach(
+    model: nn.Module,
+    config: Mapping[str, Any],
+    *,
+    freeze_base: bool = False,
+    example_inputs: Any = None,
+    train_modules: Sequence[str] = (),
+) -> AdapterSet:
+    """Attach the adapters of ``config`` to ``model`` through forward hooks.
+
+    Args:
+        model: Any `torch.nn.Module`; its classes are not changed.
+        config: Adapter names mapped to `AdapterSpec` objects or dicts.
+        freeze_base: Turn off ``requires_grad`` on every base parameter
+            until detach, which restores each flag.
+        example_inputs: Inputs for one probe forward that measures feature
+            sizes: a tuple of positional arguments, a dict of keyword
+            arguments, or a single argument.
+        train_modules: Paths of base modules, such as a classifier head, to
+            train and save with the adapters; detach restores their values.
+
+    Returns:
+        The attached `AdapterSet`.
+
+    Raises:
+        HookadaptError: before the model is changed, for an invalid config,
+            a target that matches nothing or an unknown feature size.
+    """
+    adapter_set = AdapterSet(
+        model, config, freeze_base=freeze_base, example_inputs=example_inputs, train_modules=train_modules
+    )
+    adapter_set._attach()
+    return adapter_set
+
+
+def adapters(
+    model: nn.Module,
+    config: Mapping[str, Any],
+    *,
+    freeze_base: bool = False,
+    example_inputs: Any = None,
+    train_modules: Sequence[str] = (),
+) -> AdapterSet:
+    """Attach like `attach`; use the result in a ``with`` block that detaches on exit."""
+    return attach(
+        model, config, freeze_base=freeze_base, example_inputs=example_inputs, train_modules=train_modules
+    )
