@@ -22,9 +22,9 @@ __all__ = ["AdapterSet", "attach", "adapters", "attached", "state_key"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 _serial = itertools.count()
-# Live adapter sets per model, in attach order. Weak on both sides: the model's
-# hooks keep a live set alive, and a collected model drops its entry.
-_LIVE: weakref.WeakKeyDictionary[nn.Module, list[weakref.ref[AdapterSet]]] = weakref.WeakKeyDictionary()
+# Live adapter sets per model, in attach order. The entry keeps a set alive while its
+# model lives, even when the caller dropped the set; a set refers to its model weakly.
+_LIVE: weakref.WeakKeyDictionary[nn.Module, list[AdapterSet]] = weakref.WeakKeyDictionary()
 
 
 def state_key(kind: str, name: str, path: str, tensor: str) -> str:
@@ -36,9 +36,7 @@ def state_key(kind: str, name: str, path: str, tensor: str) -> str:
 
 def attached(model: nn.Module) -> list[AdapterSet]:
     """Return the adapter sets attached to ``model``, oldest first."""
-    refs = _LIVE.get(model, [])
-    sets = [ref() for ref in refs]
-    return [adapter_set for adapter_set in sets if adapter_set is not None and adapter_set.is_attached]
+    return [adapter_set for adapter_set in _LIVE.get(model, []) if adapter_set.is_attached]
 
 
 def _parent_path(path: str) -> str | None:
@@ -68,7 +66,7 @@ class AdapterSet:
         if not isinstance(model, nn.Module):
             msg = f"model must be a torch.nn.Module, got {type(model).__name__}"
             raise TypeError(msg)
-        self.model = model
+        self._model_ref = weakref.ref(model)
         self.specs: dict[str, AdapterSpec] = parse_config(config)
         self.freeze_base = bool(freeze_base)
         self.serial = next(_serial)
@@ -139,6 +137,15 @@ class AdapterSet:
         self._flags: dict[nn.Parameter, bool] = {}
         self._snapshots: dict[str, dict[str, torch.Tensor]] = {}
 
+    @property
+    def model(self) -> nn.Module:
+        """The model the adapters attach to; the adapter set does not keep it alive."""
+        model = self._model_ref()
+        if model is None:
+            msg = "the model of this adapter set no longer exists; its adapters went with it"
+            raise AttachError(msg)
+        return model
+
     # Building helpers.
 
     def _resolve_train_modules(self, paths: Sequence[str], modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
@@ -187,7 +194,7 @@ class AdapterSet:
                 self._copy_train_values(train_values)
             for site in self.sites:
                 site.register()
-            _LIVE.setdefault(self.model, []).append(weakref.ref(self))
+            _LIVE.setdefault(self.model, []).append(self)
             self.is_attached = True
         except BaseException:
             self._undo()
@@ -242,11 +249,12 @@ class AdapterSet:
         for param, flag in self._flags.items():
             param.requires_grad_(flag)
         self._flags.clear()
-        refs = _LIVE.get(self.model)
-        if refs is not None:
-            refs[:] = [ref for ref in refs if ref() is not None and ref() is not self]
-            if not refs:
-                del _LIVE[self.model]
+        model = self._model_ref()
+        live = _LIVE.get(model) if model is not None else None
+        if live is not None:
+            live[:] = [other for other in live if other is not self]
+            if not live:
+                del _LIVE[model]
 
     def detach(self) -> None:
         """Remove the hooks and modules and restore the model exactly as it was.

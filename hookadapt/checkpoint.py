@@ -2,7 +2,7 @@
 
 A file holds the tensors of the adapters and train modules only, keyed as
 ``adapters/NAME/SITE/TENSOR`` and ``modules/PATH/TENSOR``. Its safetensors
-metadata holds the config, the network sizes per site, the train module
+metadata contains the config, the network sizes per site, the train module
 paths, a format version and the hookadapt version, so `load_adapters` needs
 nothing but the model and the file. Nothing is pickled.
 """

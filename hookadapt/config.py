@@ -111,7 +111,7 @@ class AdapterSpec:
         output_select: Index or key of the output tensor to adapt; None takes
             the output itself, element 0 of a tuple or list, or the first
             tensor value of a dict or ``ModelOutput``.
-        feature_dim: The dimension that holds the features, -1 for the last;
+        feature_dim: The dimension of the features, -1 for the last;
             1 suits channels-first tensors such as a convolution's output.
         dtype: The networks' dtype; inputs and results are cast at the boundary.
     """

@@ -146,9 +146,9 @@ class LoRA(nn.Module):
 class Scale(nn.Module):
     """IA3 (Liu et al., 2022): a learned per-feature vector, used with ``multiply``.
 
-    The vector has ``out_features`` entries and starts at ``init`` (one by
-    default); the network returns it whatever its input, and ``multiply``
-    broadcasts it over the host tensor's features.
+    The vector has ``out_features`` entries and starts at ``init``, which is
+    one by default. The network returns the vector whatever its input, so
+    ``multiply`` broadcasts it over the host tensor's features.
     """
 
     def __init__(self, in_features: int, out_features: int, *, init: float = 1.0) -> None:

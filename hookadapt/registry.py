@@ -32,6 +32,9 @@ class Registry:
         self.positional = positional
         self._classes: dict[str, type] = {}
 
+    def __repr__(self) -> str:
+        return f"Registry({self.what!r}, kinds={self.kinds()!r})"
+
     def register(self, kind: str) -> Callable[[T], T]:
         """Register the decorated class under ``kind``; a duplicate kind raises `ConfigError`."""
         if not isinstance(kind, str) or not kind:

@@ -1,9 +1,10 @@
 """Working out the feature sizes a new network needs at a host.
 
-The order is: the spec's ``network.in_features`` / ``network.out_features``;
-a probe forward with ``example_inputs``; the host's own attributes; for a
-composite host, the input size of its first descendant that declares one and
-the output size of its last.
+Sizes come first from the spec's ``network.in_features`` and
+``network.out_features``, then from a probe forward on ``example_inputs``,
+then from the host's own attributes. A composite host falls back to the
+input size of its first descendant that declares one and the output size of
+its last.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def probe_sizes(
     example_inputs: Any,
     requests: Iterable[tuple[str, str, nn.Module, AdapterSpec]],
 ) -> dict[tuple[str, str], Sizes]:
-    """Run one forward on ``example_inputs`` and record the sizes each (adapter, host) pair sees.
+    """Run one forward on ``example_inputs`` and record the feature sizes at each (adapter, host) pair.
 
     The forward runs in eval mode without gradients, and afterwards every
     module's train flag, the hooks and the CPU random state are as before.

@@ -1,8 +1,8 @@
 """Matching adapter targets against a model's module paths.
 
-A pattern is one of: an exact path (``""`` is the root module), a glob where
-``*`` matches within one dotted segment and ``**`` across segments, a regex
-with the ``re:`` prefix that must match the whole path, or NeMo's
+A pattern is an exact path (``""`` is the root module) or a glob, where ``*``
+matches within one dotted segment and ``**`` across segments. It can also be
+a regex with the ``re:`` prefix, which must match the whole path, or NeMo's
 ``"module:adapter_name"`` shorthand, which names the module left of the colon.
 """
 
@@ -70,7 +70,10 @@ def compile_pattern(pattern: str, *, adapter: str) -> re.Pattern[str]:
 
 def _closest(pattern: str, paths: Iterable[str]) -> list[str]:
     paths = [path for path in paths if path]
-    text = pattern[3:] if pattern.startswith("re:") else pattern.partition(":")[0] if ":" in pattern else pattern
+    if pattern.startswith("re:"):
+        text = pattern[3:]
+    else:
+        text = pattern.partition(":")[0]
     close = difflib.get_close_matches(text, paths, n=5, cutoff=0.4)
     if close:
         return close
