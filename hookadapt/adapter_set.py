@@ -39,6 +39,29 @@ def attached(model: nn.Module) -> list[AdapterSet]:
     return [adapter_set for adapter_set in _LIVE.get(model, []) if adapter_set.is_attached]
 
 
+class AdapterHolder(nn.Module):
+    """The reserved child that keeps a host's adapters in the module tree while attached.
+
+    Unlike `torch.nn.ModuleDict`, it accepts any adapter name as a key, even
+    one that is also a method name such as ``forward`` or ``keys``.
+    """
+
+    def __getitem__(self, key: str) -> nn.Module:
+        return self._modules[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._modules
+
+    def forward(self, *args: Any, **kwargs: Any) -> None:
+        msg = "the hookadapt adapter holder is not callable; the host's hooks run its adapters"
+        raise AttachError(msg)
+
+
+def _holder_key(adapter: Adapter, relative: str) -> str:
+    # Module names may not contain dots, so a path below the owner uses slashes.
+    return adapter.name if not relative else f"{adapter.name}@{relative.replace('.', '/')}"
+
+
 def _parent_path(path: str) -> str | None:
     if not path:
         return None
@@ -185,9 +208,8 @@ class AdapterSet:
                     continue
                 module, relative = owner
                 if RESERVED not in module._modules:
-                    module.add_module(RESERVED, nn.ModuleDict())
-                key = adapter.name if not relative else f"{adapter.name}@{relative.replace('.', '/')}"
-                module._modules[RESERVED][key] = adapter
+                    module.add_module(RESERVED, AdapterHolder())
+                module._modules[RESERVED]._modules[_holder_key(adapter, relative)] = adapter
             self._set_flags()
             self._snapshot_train_modules()
             if train_values:
@@ -235,7 +257,7 @@ class AdapterSet:
             holder = module._modules.get(RESERVED)
             if holder is None:
                 continue
-            key = adapter.name if not relative else f"{adapter.name}@{relative.replace('.', '/')}"
+            key = _holder_key(adapter, relative)
             if key in holder._modules and holder._modules[key] is adapter:
                 del holder._modules[key]
             if not holder._modules:

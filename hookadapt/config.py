@@ -41,6 +41,7 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 
 def _freeze(value: Any) -> Any:
+    # Anything else passes unchanged, so validation can report it with the adapter's name.
     if isinstance(value, Mapping):
         return MappingProxyType({key: _freeze(item) for key, item in value.items()})
     if isinstance(value, list):
@@ -158,7 +159,7 @@ def parse_spec(name: Any, spec: Any) -> AdapterSpec:
         raise ConfigError(msg)
 
     if isinstance(spec, Mapping):
-        unknown = sorted(set(spec) - set(_SPEC_FIELDS))
+        unknown = sorted(set(spec) - set(_SPEC_FIELDS), key=repr)
         if unknown:
             msg = (
                 f"adapter {name!r}: unknown field(s) {', '.join(map(repr, unknown))}; "
@@ -191,7 +192,7 @@ def parse_spec(name: Any, spec: Any) -> AdapterSpec:
     if isinstance(spec.feature_dim, bool) or not isinstance(spec.feature_dim, int):
         msg = f"adapter {name!r}: feature_dim must be an int such as -1 or 1, got {spec.feature_dim!r}"
         raise ConfigError(msg)
-    if spec.dtype not in DTYPES:
+    if not isinstance(spec.dtype, str) or spec.dtype not in DTYPES:
         msg = f"adapter {name!r}: dtype must be one of {', '.join(DTYPES)}, got {spec.dtype!r}"
         raise ConfigError(msg)
 
@@ -222,6 +223,9 @@ def _normalize_kind(name: str, field: str, value: Any, cls: type, registry: Any)
             f"adapter {name!r}: {field} must be a kind name, a dict with a 'kind' key or "
             f"hookadapt.{cls.__name__}, got {value!r}"
         )
+        raise ConfigError(msg)
+    if not isinstance(value.options, Mapping):
+        msg = f"adapter {name!r}: {field} options must be a mapping of option names to values, got {value.options!r}"
         raise ConfigError(msg)
     options = registry.normalize(value.kind, value.options, adapter=name)
     return cls(kind=value.kind, options=options)

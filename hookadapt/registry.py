@@ -13,6 +13,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from torch import nn
+
 from .errors import ConfigError
 
 __all__ = ["Registry", "NETWORKS", "STRATEGIES", "register_network", "register_strategy"]
@@ -26,8 +28,10 @@ _JSON_SCALARS = (bool, int, float, str, type(None))
 class Registry:
     """A mapping from kind names to classes, with option validation."""
 
-    def __init__(self, what: str, positional: tuple[str, ...]) -> None:
+    def __init__(self, what: str, positional: tuple[str, ...], base: type) -> None:
         self.what = what
+        # Every registered class must derive from this one.
+        self.base = base
         # Constructor arguments that hookadapt passes itself and a config may not set.
         self.positional = positional
         self._classes: dict[str, type] = {}
@@ -42,6 +46,12 @@ class Registry:
             raise ConfigError(msg)
 
         def decorator(cls: T) -> T:
+            if not isinstance(cls, type) or not issubclass(cls, self.base):
+                msg = (
+                    f"cannot register {cls!r} as {self.what} kind {kind!r}: it must be a subclass "
+                    f"of {self.base.__module__}.{self.base.__qualname__}"
+                )
+                raise ConfigError(msg)
             if kind in self._classes:
                 msg = (
                     f"{self.what} kind {kind!r} is already registered to "
@@ -81,7 +91,7 @@ class Registry:
         """Validate ``options`` for ``kind`` and return them with every default filled in."""
         cls = self.get(kind, adapter=adapter)
         defaults = self._option_defaults(cls)
-        unknown = sorted(set(options) - set(defaults) - set(self.positional))
+        unknown = sorted(set(options) - set(defaults) - set(self.positional), key=repr)
         if unknown:
             msg = (
                 f"adapter {adapter!r}: unknown {self.what} option(s) {', '.join(map(repr, unknown))} "
@@ -113,8 +123,19 @@ class Registry:
             msg = f"cannot read the options of {self.what} class {cls.__qualname__}: {err}"
             raise ConfigError(msg) from err
 
+        parameters = list(signature.parameters.items())[1:]
+        leading = [name for name, parameter in parameters[: len(self.positional)]
+                   if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)]
+        if tuple(leading) != self.positional:
+            msg = (
+                f"{self.what} class {cls.__qualname__}: __init__ must take "
+                f"({', '.join(['self', *self.positional, '*', 'option=default', '...'])}), "
+                f"got ({', '.join(['self', *(name for name, _ in parameters)])})"
+            )
+            raise ConfigError(msg)
+
         defaults: dict[str, Any] = {}
-        for name, parameter in list(signature.parameters.items())[1:]:
+        for name, parameter in parameters:
             if name in self.positional or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
                 continue
             if parameter.kind is not parameter.KEYWORD_ONLY or parameter.default is parameter.empty:
@@ -145,8 +166,9 @@ def _check_json_value(value: Any, *, adapter: str, field: str) -> None:
     raise ConfigError(msg)
 
 
-NETWORKS = Registry("network", positional=("in_features", "out_features"))
-STRATEGIES = Registry("strategy", positional=())
+NETWORKS = Registry("network", positional=("in_features", "out_features"), base=nn.Module)
+# strategies.py narrows the base to its Strategy class, which cannot be imported here.
+STRATEGIES = Registry("strategy", positional=(), base=nn.Module)
 
 
 def register_network(kind: str) -> Callable[[T], T]:

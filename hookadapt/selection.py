@@ -123,6 +123,9 @@ class OutputSelector:
                     if isinstance(value, torch.Tensor):
                         return key
                 raise self._fail(output, "a tensor value")
+            if select not in output and isinstance(select, int) and -len(output) <= select < len(output):
+                # An index counts the present keys, as ModelOutput.to_tuple() does.
+                select = list(output.keys())[select]
             if select in output and isinstance(output[select], torch.Tensor):
                 return select
             raise self._fail(output, f"a tensor under key {select!r}")

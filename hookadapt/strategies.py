@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .registry import register_strategy
+from .registry import STRATEGIES, register_strategy
 
 __all__ = ["Strategy", "ResidualAdd", "ReturnResult", "ScaledAdd", "Multiply"]
 
@@ -43,6 +43,9 @@ class Strategy(nn.Module):
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__qualname__} must implement forward(x, out)")
+
+
+STRATEGIES.base = Strategy
 
 
 def _check_probability(name: str, value: Any, *, upper_inclusive: bool) -> None:

@@ -39,7 +39,8 @@ def _glob_to_regex(pattern: str) -> str:
             parts.append(".*")
             index += 2
         elif pattern[index] == "*":
-            parts.append("[^.]*")
+            # A dotted segment is never empty, so '*' does not match the root path "".
+            parts.append("[^.]+")
             index += 1
         elif pattern[index] == "?":
             parts.append("[^.]")
@@ -50,7 +51,7 @@ def _glob_to_regex(pattern: str) -> str:
     return "".join(parts)
 
 
-def compile_pattern(pattern: str, *, adapter: str) -> re.Pattern[str]:
+def compile_pattern(pattern: str, *, adapter: str, field: str = "target") -> re.Pattern[str]:
     """Compile a target pattern to a regex that must match a whole path."""
     if pattern.startswith("re:"):
         return re.compile(pattern[3:])
@@ -58,7 +59,7 @@ def compile_pattern(pattern: str, *, adapter: str) -> re.Pattern[str]:
         path, _, name = pattern.partition(":")
         if name and name != adapter:
             msg = (
-                f"adapter {adapter!r}: target {pattern!r} names adapter {name!r} after the colon; "
+                f"adapter {adapter!r}: {field} {pattern!r} names adapter {name!r} after the colon; "
                 f"in the 'module:adapter_name' form the name must be {adapter!r} or left out"
             )
             raise ConfigError(msg)
@@ -85,7 +86,7 @@ def _closest(pattern: str, paths: Iterable[str]) -> list[str]:
 def _match(adapter: str, field: str, patterns: tuple[str, ...], modules: dict[str, nn.Module]) -> list[str]:
     matched: dict[str, None] = {}
     for pattern in patterns:
-        regex = compile_pattern(pattern, adapter=adapter)
+        regex = compile_pattern(pattern, adapter=adapter, field=field)
         found = [path for path in modules if regex.fullmatch(path)]
         if not found:
             hint = ", ".join(repr(path) for path in _closest(pattern, modules))
