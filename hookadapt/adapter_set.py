@@ -22,9 +22,10 @@ __all__ = ["AdapterSet", "attach", "adapters", "attached", "state_key"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 _serial = itertools.count()
-# Live adapter sets per model, in attach order. The entry keeps a set alive while its
-# model lives, even when the caller dropped the set; a set refers to its model weakly.
-_LIVE: weakref.WeakKeyDictionary[nn.Module, list[AdapterSet]] = weakref.WeakKeyDictionary()
+# Live adapter sets per model, in attach order, referred to weakly. The model's hooks keep
+# each set alive through its sites, so a set whose variable was dropped is still listed,
+# and a dropped model is collected with its sets as one garbage cycle.
+_LIVE: weakref.WeakKeyDictionary[nn.Module, list[weakref.ref[AdapterSet]]] = weakref.WeakKeyDictionary()
 
 
 def state_key(kind: str, name: str, path: str, tensor: str) -> str:
@@ -36,7 +37,8 @@ def state_key(kind: str, name: str, path: str, tensor: str) -> str:
 
 def attached(model: nn.Module) -> list[AdapterSet]:
     """Return the adapter sets attached to ``model``, oldest first."""
-    return [adapter_set for adapter_set in _LIVE.get(model, []) if adapter_set.is_attached]
+    sets = [ref() for ref in _LIVE.get(model, [])]
+    return [adapter_set for adapter_set in sets if adapter_set is not None and adapter_set.is_attached]
 
 
 class AdapterHolder(nn.Module):
@@ -151,7 +153,7 @@ class AdapterSet:
                 self.adapters[name][path] = adapter
                 site_adapters.append(adapter)
             if site_adapters:
-                self.sites.append(Site(path, host, site_adapters))
+                self.sites.append(Site(path, host, site_adapters, owner=self))
 
         self._auxiliary_losses: list[torch.Tensor] = []
         for adapter in self.all_adapters():
@@ -216,7 +218,7 @@ class AdapterSet:
                 self._copy_train_values(train_values)
             for site in self.sites:
                 site.register()
-            _LIVE.setdefault(self.model, []).append(self)
+            _LIVE.setdefault(self.model, []).append(weakref.ref(self))
             self.is_attached = True
         except BaseException:
             self._undo()
@@ -274,7 +276,7 @@ class AdapterSet:
         model = self._model_ref()
         live = _LIVE.get(model) if model is not None else None
         if live is not None:
-            live[:] = [other for other in live if other is not self]
+            live[:] = [ref for ref in live if ref() is not None and ref() is not self]
             if not live:
                 del _LIVE[model]
 

@@ -70,9 +70,12 @@ def save_adapters(adapter_set: AdapterSet, path: str | os.PathLike, names: Itera
         with open(temporary, "rb") as file:
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
+        if isinstance(err, (safetensors.SafetensorError, KeyError, TypeError, ValueError)):
+            msg = f"cannot save adapters to {str(path)!r}: safetensors rejected the tensors ({type(err).__name__}: {err})"
+            raise CheckpointError(msg) from err
         raise
     return path
 
@@ -118,12 +121,38 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         except json.JSONDecodeError as err:
             msg = f"adapter checkpoint {str(path)!r}: metadata field {field!r} is not valid JSON: {err}"
             raise CheckpointError(msg) from err
+    _check_layout(path, parsed)
     try:
         parsed["specs"] = parse_config(parsed["config"])
     except ConfigError as err:
         msg = f"adapter checkpoint {str(path)!r}: the stored config is invalid: {err}"
         raise CheckpointError(msg) from err
     return parsed, raw, tensors
+
+
+def _check_layout(path: Path, parsed: dict[str, Any]) -> None:
+    sizes = parsed["sizes"]
+    valid = isinstance(sizes, dict) and all(
+        isinstance(sites, dict)
+        and all(
+            isinstance(pair, list) and len(pair) == 2 and all(type(size) is int and size > 0 for size in pair)
+            for pair in sites.values()
+        )
+        for sites in sizes.values()
+    )
+    if not valid:
+        msg = (
+            f"adapter checkpoint {str(path)!r}: metadata field 'sizes' must map adapter names to "
+            f"{{site: [in_features, out_features]}} with positive ints, got {json.dumps(sizes)[:200]}"
+        )
+        raise CheckpointError(msg)
+    train_modules = parsed["train_modules"]
+    if not isinstance(train_modules, list) or not all(isinstance(item, str) for item in train_modules):
+        msg = (
+            f"adapter checkpoint {str(path)!r}: metadata field 'train_modules' must be a list of "
+            f"module paths, got {json.dumps(train_modules)[:200]}"
+        )
+        raise CheckpointError(msg)
 
 
 def _compare(

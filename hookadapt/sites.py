@@ -107,6 +107,16 @@ class Adapter(nn.Module):
         )
         return ShapeError(msg)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Adapter:
+        # `model.to(dtype)` and `.half()` reach the adapters through the module tree;
+        # cast inputs to whatever dtype the network has now.
+        result = super()._apply(fn, recurse)
+        for tensor in self.network.parameters():
+            if tensor.is_floating_point():
+                self.dtype = tensor.dtype
+                break
+        return result
+
     def _follow_device(self, device: torch.device) -> None:
         for tensor in self.parameters():
             if tensor.device != device:
@@ -117,8 +127,10 @@ class Adapter(nn.Module):
 class Site:
     """The adapters of one adapter set at one host, and the hooks that run them."""
 
-    def __init__(self, path: str, host: nn.Module, adapters: list[Adapter]) -> None:
+    def __init__(self, path: str, host: nn.Module, adapters: list[Adapter], owner: object = None) -> None:
         self.path = path
+        # The adapter set this site belongs to; the host's hooks keep it alive through this reference.
+        self.owner = owner
         self.host = host
         self.adapters = adapters
         self.input_adapters = [adapter for adapter in adapters if adapter.insertion == "input"]
