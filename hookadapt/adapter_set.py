@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from .config import AdapterSpec, parse_config
-from .errors import AttachError, ConfigError, HookadaptError
+from .errors import AttachError, ConfigError, HookadaptError, ShapeError
 from .sites import Adapter, Site
 from .sizes import network_sizes, probe_sizes
-from .targets import RESERVED, candidate_modules, resolve_targets
+from .targets import RESERVED, candidate_modules, compile_pattern, resolve_targets
 
-__all__ = ["AdapterSet", "attach", "adapters", "attached", "state_key"]
+__all__ = ["AdapterSet", "attach", "adapters", "attached", "state_key", "unwrap_model"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 _serial = itertools.count()
@@ -35,9 +35,25 @@ def state_key(kind: str, name: str, path: str, tensor: str) -> str:
     return f"modules/{path}/{tensor}"
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Return the module inside ``torch.compile``, ``DistributedDataParallel`` and ``DataParallel`` wrappers.
+
+    Adapters attach to the wrapped module, so site paths and checkpoint keys
+    are the same with and without a wrapper.
+    """
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            # torch.compile's wrapper; matched by name to avoid importing torch._dynamo.
+            model = model._orig_mod
+        else:
+            return model
+
+
 def attached(model: nn.Module) -> list[AdapterSet]:
     """Return the adapter sets attached to ``model``, oldest first."""
-    sets = [ref() for ref in _LIVE.get(model, [])]
+    sets = [ref() for ref in _LIVE.get(unwrap_model(model), [])]
     return [adapter_set for adapter_set in sets if adapter_set is not None and adapter_set.is_attached]
 
 
@@ -91,6 +107,7 @@ class AdapterSet:
         if not isinstance(model, nn.Module):
             msg = f"model must be a torch.nn.Module, got {type(model).__name__}"
             raise TypeError(msg)
+        model = unwrap_model(model)
         self._model_ref = weakref.ref(model)
         self.specs: dict[str, AdapterSpec] = parse_config(config)
         self.freeze_base = bool(freeze_base)
@@ -137,6 +154,10 @@ class AdapterSet:
         # adapters[name][path] is the adapter called `name` at the host `path`.
         self.adapters: dict[str, dict[str, Adapter]] = {name: {} for name in self.specs}
         self.sites: list[Site] = []
+        overrides = {
+            name: [(compile_pattern(pattern, adapter=name, field="overrides"), options) for pattern, options in spec.overrides.items()]
+            for name, spec in self.specs.items()
+        }
         for path, host in modules.items():
             site_adapters = []
             for name, spec in self.specs.items():
@@ -146,7 +167,14 @@ class AdapterSet:
                     in_size, out_size = sizes[name][path]
                 else:
                     in_size, out_size = network_sizes(name, path, host, spec, probed.get((name, path)))
-                adapter = Adapter(name, path, spec, host, in_size, out_size)
+                options = dict(spec.network.options)
+                for regex, extra in overrides[name]:
+                    if regex.fullmatch(path):
+                        options.update(extra)
+                        break
+                adapter = Adapter(
+                    name, path, spec, host, in_size, out_size, options=options, network=self._shared_network(name, path, in_size, out_size)
+                )
                 adapter.to(device=_device_of(host, model))
                 adapter.network.to(dtype=adapter.dtype)
                 adapter.strategy.to(dtype=adapter.dtype)
@@ -160,6 +188,8 @@ class AdapterSet:
             adapter.strategy._auxiliary_losses = self._auxiliary_losses
         self._owners = {adapter: self._owner_of(adapter.path, modules) for adapter in self.all_adapters()}
         self._flags: dict[nn.Parameter, bool] = {}
+        # Set by load_adapters: the keys that a load skipped (hookadapt.checkpoint.LoadResult).
+        self.load_result: Any = None
         self._snapshots: dict[str, dict[str, torch.Tensor]] = {}
 
     @property
@@ -172,6 +202,20 @@ class AdapterSet:
         return model
 
     # Building helpers.
+
+    def _shared_network(self, name: str, path: str, in_size: int, out_size: int) -> nn.Module | None:
+        """Return the network of the first site of a ``shared`` adapter, or None to build a new one."""
+        if not self.specs[name].shared or not self.adapters[name]:
+            return None
+        first_path, first = next(iter(self.adapters[name].items()))
+        if (first.in_features, first.out_features) != (in_size, out_size):
+            msg = (
+                f"adapter {name!r}: a shared network needs the same sizes at every site, but {first_path!r} "
+                f"has (in_features, out_features) = ({first.in_features}, {first.out_features}) and {path!r} "
+                f"has ({in_size}, {out_size}); narrow the target or set shared to False"
+            )
+            raise ShapeError(msg)
+        return first.network
 
     def _resolve_train_modules(self, paths: Sequence[str], modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
         if isinstance(paths, str):

@@ -14,15 +14,22 @@ def _inspect(args: argparse.Namespace) -> int:
     from .checkpoint import read_checkpoint
     from .errors import CheckpointError
 
+    from .config import config_to_dict
+
     try:
-        parsed, raw, tensors = read_checkpoint(args.path)
+        stored = read_checkpoint(args.path)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"{args.path}: hookadapt format {raw['format_version']}, written by hookadapt {raw.get('hookadapt_version', '?')}")
-    print(f"train modules: {', '.join(parsed['train_modules']) or 'none'}")
+    if stored.format == "peft":
+        print(f"{args.path}: PEFT LoRA checkpoint, read as hookadapt adapter 'default'")
+    else:
+        metadata = stored.metadata
+        print(f"{args.path}: hookadapt format {metadata['format_version']}, written by hookadapt {metadata.get('hookadapt_version', '?')}")
+    print(f"train modules: {', '.join(stored.train_modules) or 'none'}")
     print("config:")
-    print(json.dumps(parsed["config"], indent=2))
+    print(json.dumps(config_to_dict(stored.specs), indent=2))
+    tensors = stored.tensors
     total = sum(tensor.numel() for tensor in tensors.values())
     print(f"tensors: {len(tensors)}, {total:,} values")
     for key, tensor in tensors.items():

@@ -115,6 +115,12 @@ class AdapterSpec:
         feature_dim: The dimension of the features, -1 for the last;
             1 suits channels-first tensors such as a convolution's output.
         dtype: The networks' dtype; inputs and results are cast at the boundary.
+        shared: Build one network and use it at every matched site, which
+            then must all have the same feature sizes.
+        overrides: Network options per site, as ``{pattern: {option: value}}``
+            on top of ``network``'s options. The first pattern, in order,
+            that matches a site's path applies; PEFT's ``rank_pattern`` and
+            ``alpha_pattern`` load as overrides.
     """
 
     target: tuple[str, ...] = attrs.field(converter=_to_patterns)
@@ -126,6 +132,8 @@ class AdapterSpec:
     output_select: int | str | None = None
     feature_dim: int = -1
     dtype: str = "float32"
+    shared: bool = False
+    overrides: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict, converter=_freeze, hash=False)
 
 
 _SPEC_FIELDS = tuple(field.name for field in attrs.fields(AdapterSpec))
@@ -196,9 +204,35 @@ def parse_spec(name: Any, spec: Any) -> AdapterSpec:
         msg = f"adapter {name!r}: dtype must be one of {', '.join(DTYPES)}, got {spec.dtype!r}"
         raise ConfigError(msg)
 
+    if not isinstance(spec.shared, bool):
+        msg = f"adapter {name!r}: shared must be True or False, got {spec.shared!r}"
+        raise ConfigError(msg)
+
     network = _normalize_kind(name, "network", spec.network, NetworkSpec, NETWORKS)
     strategy = _normalize_kind(name, "strategy", spec.strategy, StrategySpec, STRATEGIES)
-    return attrs.evolve(spec, network=network, strategy=strategy)
+    overrides = _normalize_overrides(name, spec, network)
+    return attrs.evolve(spec, network=network, strategy=strategy, overrides=overrides)
+
+
+def _normalize_overrides(name: str, spec: AdapterSpec, network: NetworkSpec) -> dict[str, dict[str, Any]]:
+    overrides = spec.overrides
+    if not isinstance(overrides, Mapping):
+        msg = f"adapter {name!r}: overrides must map site patterns to network options, got {overrides!r}"
+        raise ConfigError(msg)
+    if overrides and spec.shared:
+        msg = f"adapter {name!r}: overrides cannot apply to a shared network, which is one network for every site; drop one of the two"
+        raise ConfigError(msg)
+    _check_patterns(name, "overrides", tuple(overrides), allow_empty=True)
+
+    result = {}
+    for pattern, options in overrides.items():
+        if not isinstance(options, Mapping):
+            msg = f"adapter {name!r}: overrides[{pattern!r}] must be a mapping of network options, got {options!r}"
+            raise ConfigError(msg)
+        # Validate the options as they will be merged at a matching site.
+        NETWORKS.normalize(network.kind, {**network.options, **options}, adapter=name)
+        result[pattern] = dict(options)
+    return result
 
 
 def _check_patterns(name: str, field: str, patterns: Any, *, allow_empty: bool) -> None:
@@ -240,5 +274,6 @@ def config_to_dict(specs: Mapping[str, AdapterSpec]) -> dict[str, dict[str, Any]
         entry["exclude"] = list(spec.exclude)
         entry["network"] = {"kind": spec.network.kind, **_thaw(spec.network.options)}
         entry["strategy"] = {"kind": spec.strategy.kind, **_thaw(spec.strategy.options)}
+        entry["overrides"] = _thaw(spec.overrides)
         result[name] = entry
     return result

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -34,7 +35,11 @@ class Adapter(nn.Module):
         host: nn.Module,
         in_features: int,
         out_features: int,
+        *,
+        options: Mapping[str, Any] | None = None,
+        network: nn.Module | None = None,
     ) -> None:
+        """Build the adapter; ``options`` are this site's network options, ``network`` a shared network."""
         super().__init__()
         self.name = name
         self.path = path
@@ -48,8 +53,12 @@ class Adapter(nn.Module):
         # True when no module of the model can hold the adapter, so `model.to()` does not move it.
         self.outside_tree = False
 
-        options = {key: value for key, value in spec.network.options.items() if key not in ("in_features", "out_features")}
-        self.network = NETWORKS.get(spec.network.kind)(in_features, out_features, **options)
+        if options is None:
+            options = spec.network.options
+        self.options = {key: value for key, value in options.items() if key not in ("in_features", "out_features")}
+        if network is None:
+            network = NETWORKS.get(spec.network.kind)(in_features, out_features, **self.options)
+        self.network = network
         self.strategy = STRATEGIES.get(spec.strategy.kind)(**spec.strategy.options)
         self.input_selector = InputSelector(host, spec.input_select, site=path, adapter=name)
         self.output_selector = OutputSelector(spec.output_select, site=path, adapter=name)

@@ -141,7 +141,7 @@ class TestRoundTrip:
         assert list(state) == list(saved["state"]), "the loaded set has other tensor keys"
         for key, value in saved["state"].items():
             assert torch.equal(state[key], value), f"tensor {key} differs after loading"
-        assert result == {"missing": [], "unexpected": [], "mismatched": []}, "a strict load reported problems"
+        assert result == hookadapt.checkpoint.LoadResult([], [], []), "a strict load reported problems"
         assert_restored(model, before)
         assert torch.equal(run(model, x), base), "output differs after detach"
 
@@ -376,10 +376,10 @@ class TestStrict:
         result = loaded.load_result
         loaded.detach()
 
-        assert result["missing"] == [LORA_B], "load_result lists other missing keys"
-        assert result["unexpected"] == [EXTRA], "load_result lists other unexpected keys"
-        assert len(result["mismatched"]) == 1, "load_result lists other mismatched keys"
-        assert result["mismatched"][0].startswith(DOWN), "load_result names another mismatched key"
+        assert result.missing == [LORA_B], "load_result lists other missing keys"
+        assert result.unexpected == [EXTRA], "load_result lists other unexpected keys"
+        assert len(result.mismatched) == 1, "load_result lists other mismatched keys"
+        assert result.mismatched[0].startswith(DOWN), "load_result names another mismatched key"
         for key, value in tensors.items():
             if key in state and key != DOWN:
                 assert torch.equal(state[key], value), f"matching tensor {key} was not loaded"
@@ -429,6 +429,14 @@ def truncated(tmp_path: Path, saved: dict) -> Path:
     data = saved["path"].read_bytes()
     path = tmp_path / "truncated.safetensors"
     path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def data_cut(tmp_path: Path, saved: dict) -> Path:
+    """Write a valid file without its last 10 bytes, so the header is whole and the data is short."""
+    data = saved["path"].read_bytes()
+    path = tmp_path / "data-cut.safetensors"
+    path.write_bytes(data[:-10])
     return path
 
 
@@ -487,11 +495,12 @@ def sizes_not_mapping(tmp_path: Path, saved: dict) -> Path:
 
 BAD_FILES = [
     pytest.param(missing_path, "not found", id="missing-path"),
-    pytest.param(directory, "not a file", id="directory"),
-    pytest.param(truncated, "not a readable safetensors file", id="truncated"),
-    pytest.param(header_cut, "not a readable safetensors file", id="header-cut"),
-    pytest.param(random_bytes, "not a readable safetensors file", id="random-bytes"),
-    pytest.param(empty, "not a readable safetensors file", id="empty"),
+    pytest.param(directory, "is a directory without adapter_config.json", id="directory"),
+    pytest.param(truncated, "is truncated", id="truncated"),
+    pytest.param(header_cut, "is truncated", id="header-cut"),
+    pytest.param(data_cut, "not a readable safetensors file", id="data-cut"),
+    pytest.param(random_bytes, "byte limit", id="random-bytes"),
+    pytest.param(empty, "shorter than a safetensors header", id="empty"),
     pytest.param(no_metadata, "no hookadapt metadata", id="no-metadata"),
     pytest.param(foreign_metadata, "no hookadapt metadata", id="foreign-metadata"),
     pytest.param(invalid_json, "not valid JSON", id="invalid-json"),
