@@ -30,7 +30,7 @@ def adapter_rows(adapter_set: AdapterSet) -> list[dict[str, str]]:
                 "adapter": adapter.name,
                 "site": adapter.path or "<root>",
                 "insertion": adapter.insertion,
-                "network": _kind_text(adapter.spec.network.kind, adapter.spec.network.options, ("dim", "rank", "alpha")),
+                "network": _kind_text(adapter.spec.network.kind, adapter.options, ("dim", "rank", "alpha")),
                 "strategy": adapter.spec.strategy.kind,
                 "params": f"{count:,}",
                 "trainable": f"{trainable:,}",
