@@ -80,6 +80,16 @@ def _holder_key(adapter: Adapter, relative: str) -> str:
     return adapter.name if not relative else f"{adapter.name}@{relative.replace('.', '/')}"
 
 
+def network_options_at(name: str, spec: AdapterSpec, path: str) -> dict[str, Any]:
+    """Return the network options of adapter ``name`` at site ``path``, with its first matching override."""
+    options = {key: value for key, value in spec.network.options.items() if key not in ("in_features", "out_features")}
+    for pattern, extra in spec.overrides.items():
+        if compile_pattern(pattern, adapter=name, field="overrides").fullmatch(path):
+            options.update(extra)
+            break
+    return options
+
+
 def _parent_path(path: str) -> str | None:
     if not path:
         return None
@@ -154,10 +164,6 @@ class AdapterSet:
         # adapters[name][path] is the adapter called `name` at the host `path`.
         self.adapters: dict[str, dict[str, Adapter]] = {name: {} for name in self.specs}
         self.sites: list[Site] = []
-        overrides = {
-            name: [(compile_pattern(pattern, adapter=name, field="overrides"), options) for pattern, options in spec.overrides.items()]
-            for name, spec in self.specs.items()
-        }
         for path, host in modules.items():
             site_adapters = []
             for name, spec in self.specs.items():
@@ -167,17 +173,11 @@ class AdapterSet:
                     in_size, out_size = sizes[name][path]
                 else:
                     in_size, out_size = network_sizes(name, path, host, spec, probed.get((name, path)))
-                options = dict(spec.network.options)
-                for regex, extra in overrides[name]:
-                    if regex.fullmatch(path):
-                        options.update(extra)
-                        break
+                options = network_options_at(name, spec, path)
                 adapter = Adapter(
                     name, path, spec, host, in_size, out_size, options=options, network=self._shared_network(name, path, in_size, out_size)
                 )
                 adapter.to(device=_device_of(host, model))
-                adapter.network.to(dtype=adapter.dtype)
-                adapter.strategy.to(dtype=adapter.dtype)
                 self.adapters[name][path] = adapter
                 site_adapters.append(adapter)
             if site_adapters:
@@ -402,7 +402,7 @@ class AdapterSet:
     # Enabling and disabling.
 
     def _select(self, patterns: Iterable[str]) -> list[str]:
-        patterns = list(patterns) or ["*"]
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns) or ["*"]
         selected: list[str] = []
         for pattern in patterns:
             found = [name for name in self.names if fnmatch.fnmatchcase(name, pattern)]

@@ -2,11 +2,12 @@
 
 A file contains the tensors of the adapters and train modules only, keyed as
 ``adapters/NAME/SITE/TENSOR`` and ``modules/PATH/TENSOR``. Its safetensors
-metadata contains the config, the network sizes per site, the train module
-paths, a fingerprint of the base model, the aliases of tensors that share
-storage, a format version and the hookadapt version, so `load_adapters`
-needs nothing but the model and the file. Nothing is pickled, and config
-kinds resolve through the registries only, so a file cannot run code.
+metadata describes the rest: the config, the network sizes per site, the
+train module paths, a fingerprint of the base model, the aliases of tensors
+that share storage, a format version and the hookadapt version. So
+`load_adapters` needs nothing but the model and the file. Nothing is
+pickled, and config kinds resolve through the registries only, so a file
+cannot run code.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .adapter_set import AdapterSet, attached, state_key, unwrap_model
+from .adapter_set import AdapterSet, attached, network_options_at, state_key, unwrap_model
 from .config import DTYPES, AdapterSpec, config_to_dict, parse_config
 from .errors import CheckpointError, ConfigError
 from .files import check_safetensors_header, write_atomically
 from .peft_format import peft_paths, read_peft, write_peft
+from .registry import NETWORKS
 from .targets import RESERVED, candidate_modules
 
 __all__ = [
@@ -290,7 +292,8 @@ def _check_layout(path: Path, parsed: dict[str, Any], tensors: Mapping[str, torc
         raise _invalid_field(path, "base_model", '{path: {"class": name, "tensors": {name: shape}}}', fingerprint)
     aliases = parsed["aliases"]
     valid = isinstance(aliases, dict) and all(
-        isinstance(alias, str) and alias not in tensors and key in tensors for alias, key in aliases.items()
+        isinstance(alias, str) and isinstance(key, str) and alias not in tensors and key in tensors
+        for alias, key in aliases.items()
     )
     if not valid:
         raise _invalid_field(path, "aliases", "{alias: key} with each key stored in the file and no alias stored", aliases)
@@ -406,6 +409,7 @@ def load_adapters(
             raise CheckpointError(f"{message}. Load it into the model it was trained on, or pass strict=False.")
         warnings.warn(message, stacklevel=2)
 
+    _check_stored_shapes(stored, specs, tensors)
     live = {name: other for other in attached(model) for name in other.specs}
     fresh = not any(name in live for name in specs)
     if fresh:
@@ -448,6 +452,36 @@ def load_adapters(
         adapter_set._attach(train_values=train_values)
     adapter_set.load_result = result
     return adapter_set
+
+
+def _check_stored_shapes(
+    stored: StoredAdapters,
+    specs: Mapping[str, AdapterSpec],
+    tensors: Mapping[str, torch.Tensor],
+) -> None:
+    """Reject a file whose metadata describes networks far larger than the tensors it stores.
+
+    The networks are built on the meta device, which allocates no memory, so
+    a file whose metadata asks for huge networks fails here instead of
+    exhausting memory.
+    """
+    needed = 0
+    for name, spec in specs.items():
+        for site, (in_size, out_size) in stored.sizes.get(name, {}).items():
+            options = network_options_at(name, spec, site)
+            with torch.device("meta"):
+                network = NETWORKS.get(spec.network.kind)(in_size, out_size, **options)
+            needed += sum(value.numel() for value in network.state_dict().values())
+    # A small difference is listed by the full comparison after the build; this guard only
+    # stops networks far larger than the tensors the file stores.
+    stored_networks = [value for key, value in tensors.items() if key.startswith("adapters/") and "/network." in key]
+    held = sum(value.numel() for value in stored_networks)
+    if needed > 16 * held + 2**24:
+        msg = (
+            f"adapter checkpoint {str(stored.path)!r} describes networks of {needed:,} values but stores "
+            f"{held:,}; its sizes or options are inconsistent with its tensors, so nothing was built"
+        )
+        raise CheckpointError(msg)
 
 
 def _tensor_owner(key: str) -> str | None:

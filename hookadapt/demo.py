@@ -180,7 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", choices=sorted(ADAPTER_CONFIGS), default="linear", help="adapter kind to train (default: linear)")
     parser.add_argument("--epochs", type=int, default=2, help="passes over the training split (default: 2)")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch size (default: 32)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate for adapters and head (default: 1e-3)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate for adapters and head, warmed up over the first 10 %% of steps and decayed linearly to zero (default: 2e-3)")
     parser.add_argument("--output", type=Path, default=Path("demo-output/adapters.safetensors"), help="checkpoint path (default: demo-output/adapters.safetensors)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps (default: no limit)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N train and N/4 test snippets, for quick runs")
@@ -222,6 +222,11 @@ def run(args: argparse.Namespace, *, log: Any = print) -> dict[str, Any]:
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
+    # Linear warm-up over the first tenth of the steps, then linear decay to zero.
+    warmup = max(1, total_steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda index: min((index + 1) / warmup, (total_steps - index) / max(1, total_steps - warmup))
+    )
     step = 0
     train_started = time.perf_counter()
     with tqdm(total=total_steps, desc="training", unit="step", file=sys.stdout) as progress:
@@ -232,6 +237,7 @@ def run(args: argparse.Namespace, *, log: Any = print) -> dict[str, Any]:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
+                schedule.step()
                 step += 1
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss.item():.3f}")

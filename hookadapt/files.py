@@ -12,8 +12,8 @@ from .errors import CheckpointError
 
 __all__ = ["MAX_HEADER_BYTES", "write_atomically", "check_safetensors_header"]
 
-# hookadapt's own bound on a safetensors header, checked before any parser reads it;
-# a header this large would need about a million adapter tensors.
+# hookadapt's own bound on a safetensors header, checked before any parser reads it.
+# A header this large would describe about a million adapter tensors (an estimate).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 

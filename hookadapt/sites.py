@@ -54,12 +54,13 @@ class Adapter(nn.Module):
         self.outside_tree = False
 
         if options is None:
-            options = spec.network.options
-        self.options = {key: value for key, value in options.items() if key not in ("in_features", "out_features")}
+            options = {key: value for key, value in spec.network.options.items() if key not in ("in_features", "out_features")}
+        self.options = dict(options)
         if network is None:
             network = NETWORKS.get(spec.network.kind)(in_features, out_features, **self.options)
         self.network = network
-        self.strategy = STRATEGIES.get(spec.strategy.kind)(**spec.strategy.options)
+        self.network.to(dtype=self.dtype)
+        self.strategy = STRATEGIES.get(spec.strategy.kind)(**spec.strategy.options).to(dtype=self.dtype)
         self.input_selector = InputSelector(host, spec.input_select, site=path, adapter=name)
         self.output_selector = OutputSelector(spec.output_select, site=path, adapter=name)
 
