@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from .errors import CheckpointError
 
-__all__ = ["MAX_HEADER_BYTES", "write_atomically", "check_safetensors_header"]
+__all__ = ["MAX_HEADER_BYTES", "write_atomically", "write_files_atomically", "check_safetensors_header"]
 
 # hookadapt's own bound on a safetensors header, checked before any parser reads it.
 # A header this large would describe about a million adapter tensors (an estimate).
@@ -23,24 +23,38 @@ def write_atomically(path: Path, write: Callable[[str], None]) -> None:
     The temporary file sits in the same folder, so the rename is atomic: a
     crash at any point leaves either the previous file or the new one.
     """
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    write_files_atomically({path: write})
+
+
+def write_files_atomically(writers: Mapping[Path, Callable[[str], None]]) -> None:
+    """Write every file under a temporary name first, then rename them all, one after another.
+
+    No file is replaced until every one is written and synced, which keeps
+    the window in which a crash mixes old and new files to the renames alone.
+    """
+    temporaries: dict[Path, str] = {}
     try:
-        write(temporary)
-        with open(temporary, "rb") as file:
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
+        for path, write in writers.items():
+            handle, temporaries[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(handle)
+            write(temporaries[path])
+            with open(temporaries[path], "rb") as file:
+                os.fsync(file.fileno())
+        for path, temporary in temporaries.items():
+            os.replace(temporary, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
+        for temporary in temporaries.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
         raise
-    # Persist the rename itself; some platforms cannot open a folder, which only weakens durability.
-    with contextlib.suppress(OSError):
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+    for folder in {path.parent for path in writers}:
+        # Persist the renames; a platform that cannot open a folder only loses durability.
+        with contextlib.suppress(OSError):
+            handle = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(handle)
+            finally:
+                os.close(handle)
 
 
 def check_safetensors_header(path: Path) -> None:

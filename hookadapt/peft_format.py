@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .files import check_safetensors_header, write_atomically
+from .files import check_safetensors_header, write_files_atomically
 
 __all__ = ["PEFT_CONFIG", "PEFT_WEIGHTS", "PEFT_NAME", "peft_paths", "read_peft", "write_peft"]
 
@@ -236,7 +236,11 @@ def write_peft(adapter_set: Any, folder: Path, name: str) -> Path:
         "inference_mode": True,
     }
     folder.mkdir(parents=True, exist_ok=True)
-    write_atomically(folder / PEFT_WEIGHTS, lambda temporary: safetensors.torch.save_file(tensors, temporary, metadata={"format": "pt"}))
     text = json.dumps(config, indent=2) + "\n"
-    write_atomically(folder / PEFT_CONFIG, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+    write_files_atomically(
+        {
+            folder / PEFT_WEIGHTS: lambda temporary: safetensors.torch.save_file(tensors, temporary, metadata={"format": "pt"}),
+            folder / PEFT_CONFIG: lambda temporary: Path(temporary).write_text(text, encoding="utf-8"),
+        }
+    )
     return folder
