@@ -12,9 +12,10 @@ from .errors import (
     ShapeError,
     TargetError,
 )
-from .networks import LinearAdapter, LoRA, Scale
+from .meta_strategies import Average, Fusion
+from .networks import Identity, LinearAdapter, LoRA, Scale
 from .registry import NETWORKS, STRATEGIES, register_network, register_strategy
-from .strategies import Multiply, ResidualAdd, ReturnResult, ScaledAdd, Strategy
+from .strategies import Concat, Gated, Multiply, ResidualAdd, ReturnResult, ScaledAdd, Strategy
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,11 @@ __all__ = [
     "AdapterSet",
     "AdapterSpec",
     "AttachError",
+    "Average",
+    "Concat",
+    "Fusion",
+    "Gated",
+    "Identity",
     "CheckpointError",
     "ConfigError",
     "HookadaptError",

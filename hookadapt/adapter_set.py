@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import itertools
+import threading
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -14,6 +15,7 @@ from torch import nn
 
 from .config import AdapterSpec, parse_config
 from .errors import AttachError, ConfigError, HookadaptError, ShapeError
+from .composition import Route, check_members, combine_adapters, merge_adapters, restore_merged
 from .sites import Adapter, Site
 from .sizes import network_sizes, probe_sizes
 from .targets import RESERVED, candidate_modules, compile_pattern, resolve_targets
@@ -88,6 +90,17 @@ def network_options_at(name: str, spec: AdapterSpec, path: str) -> dict[str, Any
             options.update(extra)
             break
     return options
+
+
+def _hold(adapter: Adapter, owner: tuple[nn.Module, str] | None) -> None:
+    """Register ``adapter`` under the reserved child of its owner, or mark it outside the tree."""
+    if owner is None:
+        adapter.outside_tree = True
+        return
+    module, relative = owner
+    if RESERVED not in module._modules:
+        module.add_module(RESERVED, AdapterHolder())
+    module._modules[RESERVED]._modules[_holder_key(adapter, relative)] = adapter
 
 
 def _parent_path(path: str) -> str | None:
@@ -186,7 +199,11 @@ class AdapterSet:
         self._auxiliary_losses: list[torch.Tensor] = []
         for adapter in self.all_adapters():
             adapter.strategy._auxiliary_losses = self._auxiliary_losses
+        check_members(self)
         self._owners = {adapter: self._owner_of(adapter.path, modules) for adapter in self.all_adapters()}
+        # The original parameters of hosts that merged adapters changed, for a bitwise unmerge.
+        self._merge_backups: dict[nn.Module, dict[str, torch.Tensor]] = {}
+        self._route_state = threading.local()
         self._flags: dict[nn.Parameter, bool] = {}
         # Set by load_adapters: the keys that a load skipped (hookadapt.checkpoint.LoadResult).
         self.load_result: Any = None
@@ -249,13 +266,7 @@ class AdapterSet:
         """Register every hook and module, or undo what was done and re-raise."""
         try:
             for adapter, owner in self._owners.items():
-                if owner is None:
-                    adapter.outside_tree = True
-                    continue
-                module, relative = owner
-                if RESERVED not in module._modules:
-                    module.add_module(RESERVED, AdapterHolder())
-                module._modules[RESERVED]._modules[_holder_key(adapter, relative)] = adapter
+                _hold(adapter, owner)
             self._set_flags()
             self._snapshot_train_modules()
             if train_values:
@@ -293,6 +304,7 @@ class AdapterSet:
                     state[key].copy_(value)
 
     def _undo(self) -> None:
+        restore_merged(self, [adapter for adapter in self.all_adapters() if adapter.merged])
         for site in self.sites:
             site.remove()
         for adapter, owner in self._owners.items():
@@ -419,13 +431,129 @@ class AdapterSet:
 
     def disable(self, *names: str) -> None:
         """Disable the named adapters (globs allowed); with no names, disable all."""
-        for adapter in self.all_adapters(self._select(names)):
+        chosen = list(self.all_adapters(self._select(names)))
+        self._check_not_merged(chosen, "disable")
+        for adapter in chosen:
             adapter.enabled = False
+
+    def _check_not_merged(self, adapters: Iterable[Adapter], action: str) -> None:
+        merged = sorted({adapter.name for adapter in adapters if adapter.merged})
+        if merged:
+            msg = f"cannot {action} adapters {', '.join(map(repr, merged))}: they are merged into their hosts' weights; unmerge them first"
+            raise AttachError(msg)
+
+    def set_trainable(self, *names: str) -> None:
+        """Make the named adapters' parameters trainable and every other adapter's frozen.
+
+        Base parameters, train modules and enabled flags are left as they are,
+        so ``set_trainable("fusion")`` trains a fusion over frozen members.
+        """
+        chosen = set(self._select(names))
+        for adapter in self.all_adapters():
+            for param in adapter.parameters():
+                param.requires_grad_(adapter.name in chosen)
+
+    def current_route(self) -> Route | None:
+        """The per-sample route of the calling thread's active `route` block, or None."""
+        return getattr(self._route_state, "route", None)
+
+    @contextlib.contextmanager
+    def route(self, assignments: Sequence[Any]) -> Iterator[AdapterSet]:
+        """Run each sample of the next forwards through its own adapters, in one batch.
+
+        ``assignments[i]`` names the adapter for sample ``i`` (dimension 0 of
+        every adapted tensor): a name, a list of names, or None for the base
+        model. Adapters named by no entry skip the batch. The route applies to
+        the calling thread until the block ends.
+        """
+        previous = self.current_route()
+        self._route_state.route = Route(list(assignments), self.names)
+        try:
+            yield self
+        finally:
+            self._route_state.route = previous
+
+    def merge(self, *names: str) -> None:
+        """Fold the named adapters (all by default) into their hosts' weights and skip their hooks.
+
+        ``lora`` with ``parallel`` insertion and ``scale`` with ``multiply``
+        fold into an `torch.nn.Linear` host. The original weights are kept,
+        so `unmerge` and `detach` restore them bitwise.
+        """
+        merge_adapters(self, list(self.all_adapters(self._select(names))))
+
+    def unmerge(self, *names: str) -> None:
+        """Restore the hosts of the named merged adapters (all by default) and run their hooks again."""
+        restore_merged(self, [adapter for adapter in self.all_adapters(self._select(names)) if adapter.merged])
+
+    def merge_and_detach(self) -> nn.Module:
+        """Merge every adapter, then detach, keeping the merged weights; return the plain model.
+
+        Raises:
+            AttachError: when an adapter cannot be merged; nothing changes then.
+        """
+        self.merge()
+        later = [other for other in attached(self.model) if other.serial > self.serial]
+        if later:
+            self.unmerge()
+            msg = "cannot merge and detach while an adapter set attached later is still attached; detach that one first"
+            raise AttachError(msg)
+        # Dropping the backups keeps the merged weights through detach.
+        self._merge_backups.clear()
+        for adapter in self.all_adapters():
+            adapter.merged = False
+        self.detach()
+        return self.model
+
+    def combine(self, weights: Mapping[str, float], into: str, *, combination: str = "linear") -> None:
+        """Add adapter ``into`` that combines adapters of one kind at the same sites.
+
+        ``combination="linear"`` sums the adapters' tensors with the given
+        weights; ``"cat"`` (``lora`` only) concatenates the ranks so that the
+        new update is exactly ``sum(w_i * scaling_i * B_i A_i)``.
+        """
+        from .config import parse_spec
+
+        unknown = [name for name in weights if name not in self.specs]
+        if unknown:
+            msg = f"cannot combine unknown adapter(s) {', '.join(map(repr, unknown))}; the adapters are {', '.join(self.names)}"
+            raise ConfigError(msg)
+        taken = {name for other in attached(self.model) for name in other.specs} | set(self.specs)
+        if into in taken:
+            msg = f"cannot combine into {into!r}: an adapter of that name is already attached to this model; choose another name"
+            raise AttachError(msg)
+        combined = combine_adapters(self, weights, into, combination)
+        spec = parse_spec(into, combined["spec"])
+        self._add_adapter(into, spec, combined["states"])
+
+    def _add_adapter(self, name: str, spec: AdapterSpec, states: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        modules = candidate_modules(self.model)
+        added = {}
+        for path, state in states.items():
+            source = next(adapter for adapters in self.adapters.values() for adapter in adapters.values() if adapter.path == path)
+            adapter = Adapter(name, path, spec, modules[path], source.in_features, source.out_features, options=network_options_at(name, spec, path))
+            adapter.load_state_dict(dict(state), strict=False)
+            adapter.to(device=next(itertools.chain(source.parameters(), source.buffers())).device)
+            adapter.strategy._auxiliary_losses = self._auxiliary_losses
+            added[path] = adapter
+        self.specs[name] = spec
+        self.adapters[name] = added
+        for adapter in added.values():
+            self._owners[adapter] = self._owner_of(adapter.path, modules)
+            if self.is_attached:
+                _hold(adapter, self._owners[adapter])
+        for index, site in enumerate(self.sites):
+            if site.path in added:
+                site.remove()
+                self.sites[index] = Site(site.path, site.host, [*site.adapters, added[site.path]], owner=self)
+                if self.is_attached:
+                    self.sites[index].register()
 
     @contextlib.contextmanager
     def disabled(self, *names: str) -> Iterator[AdapterSet]:
         """Disable the named adapters (all by default) inside the block, then restore each flag."""
         chosen = list(self.all_adapters(self._select(names)))
+        self._check_not_merged(chosen, "disable")
         before = [adapter.enabled for adapter in chosen]
         try:
             for adapter in chosen:

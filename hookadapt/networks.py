@@ -16,7 +16,7 @@ from torch import nn
 
 from .registry import register_network
 
-__all__ = ["ACTIVATIONS", "LinearAdapter", "LoRA", "Scale"]
+__all__ = ["ACTIVATIONS", "Identity", "LinearAdapter", "LoRA", "Scale"]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "identity": nn.Identity,
@@ -163,3 +163,14 @@ class Scale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weight
+
+
+@register_network("identity")
+class Identity(nn.Module):
+    """Return the input unchanged; the network of a meta adapter, whose strategy does the work."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x

@@ -28,11 +28,13 @@ _JSON_SCALARS = (bool, int, float, str, type(None))
 class Registry:
     """A mapping from kind names to classes, with option validation."""
 
-    def __init__(self, what: str, positional: tuple[str, ...], base: type) -> None:
+    def __init__(self, what: str, positional: tuple[str, ...], base: type, *, settable: tuple[str, ...] = ()) -> None:
         self.what = what
+        # Constructor arguments that a config may also set, such as a network's in_features.
+        self.settable = settable
         # Every registered class must derive from this one.
         self.base = base
-        # Constructor arguments that hookadapt passes itself and a config may not set.
+        # Constructor arguments that hookadapt passes itself, before the options.
         self.positional = positional
         self._classes: dict[str, type] = {}
 
@@ -91,15 +93,15 @@ class Registry:
         """Validate ``options`` for ``kind`` and return them with every default filled in."""
         cls = self.get(kind, adapter=adapter)
         defaults = self._option_defaults(cls)
-        unknown = sorted(set(options) - set(defaults) - set(self.positional), key=repr)
+        unknown = sorted(set(options) - set(defaults) - set(self.settable), key=repr)
         if unknown:
             msg = (
                 f"adapter {adapter!r}: unknown {self.what} option(s) {', '.join(map(repr, unknown))} "
-                f"for kind {kind!r}; valid options are {', '.join(sorted([*defaults, *self.positional]))}"
+                f"for kind {kind!r}; valid options are {', '.join(sorted([*defaults, *self.settable]))}"
             )
             raise ConfigError(msg)
 
-        for name in self.positional:
+        for name in self.settable:
             value = options.get(name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 msg = f"adapter {adapter!r}: {self.what}.{name} must be a positive int or None, got {value!r}"
@@ -166,9 +168,11 @@ def _check_json_value(value: Any, *, adapter: str, field: str) -> None:
     raise ConfigError(msg)
 
 
-NETWORKS = Registry("network", positional=("in_features", "out_features"), base=nn.Module)
+NETWORKS = Registry(
+    "network", positional=("in_features", "out_features"), base=nn.Module, settable=("in_features", "out_features")
+)
 # strategies.py narrows the base to its Strategy class, which cannot be imported here.
-STRATEGIES = Registry("strategy", positional=(), base=nn.Module)
+STRATEGIES = Registry("strategy", positional=("features",), base=nn.Module)
 
 
 def register_network(kind: str) -> Callable[[T], T]:
@@ -185,7 +189,8 @@ def register_network(kind: str) -> Callable[[T], T]:
 def register_strategy(kind: str) -> Callable[[T], T]:
     """Register a composition strategy class under ``kind``.
 
-    The class derives from `hookadapt.Strategy` and takes its options as
-    keyword-only arguments of ``__init__``.
+    The class derives from `hookadapt.Strategy`; its ``__init__(self,
+    features, *, option=default, ...)`` receives the size of the host
+    tensor's feature dimension and the options.
     """
     return STRATEGIES.register(kind)

@@ -60,7 +60,10 @@ class Adapter(nn.Module):
             network = NETWORKS.get(spec.network.kind)(in_features, out_features, **self.options)
         self.network = network
         self.network.to(dtype=self.dtype)
-        self.strategy = STRATEGIES.get(spec.strategy.kind)(**spec.strategy.options).to(dtype=self.dtype)
+        # The strategy sees host tensors, whose features match the network's output.
+        self.strategy = STRATEGIES.get(spec.strategy.kind)(out_features, **spec.strategy.options).to(dtype=self.dtype)
+        # Set by AdapterSet.merge while the network is folded into the host's weights.
+        self.merged = False
         self.input_selector = InputSelector(host, spec.input_select, site=path, adapter=name)
         self.output_selector = OutputSelector(spec.output_select, site=path, adapter=name)
 
@@ -82,14 +85,20 @@ class Adapter(nn.Module):
             self._follow_device(x.device)
         return self.network(x)
 
-    def compose(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Merge the network output ``out`` into the host tensor ``x`` with the strategy."""
+    def compose(self, x: torch.Tensor, out: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+        """Merge the network output ``out`` into the host tensor ``x`` with the strategy.
+
+        For a meta strategy, ``out`` maps member names to their results, in
+        the host's layout and dtype.
+        """
         host_dtype = x.dtype
         x = self._features_last(x)
         if x.shape[-1] != self.out_features:
             raise self._size_error("output", self.out_features, x)
         if host_dtype != self.dtype:
             x = x.to(self.dtype)
+        if isinstance(out, dict):
+            out = {name: self._features_last(result).to(self.dtype) for name, result in out.items()}
         result = self.strategy(x, out)
         if result.dtype != host_dtype:
             result = result.to(host_dtype)
@@ -137,15 +146,26 @@ class Adapter(nn.Module):
 class Site:
     """The adapters of one adapter set at one host, and the hooks that run them."""
 
-    def __init__(self, path: str, host: nn.Module, adapters: list[Adapter], owner: object = None) -> None:
+    def __init__(self, path: str, host: nn.Module, adapters: list[Adapter], owner: Any = None) -> None:
         self.path = path
         # The adapter set this site belongs to; the host's hooks keep it alive through this reference.
         self.owner = owner
         self.host = host
         self.adapters = adapters
-        self.input_adapters = [adapter for adapter in adapters if adapter.insertion == "input"]
+        by_name = {adapter.name: adapter for adapter in adapters}
+        # Members of a meta adapter run only through it, on the same input.
+        self.members = {
+            adapter: [by_name[name] for name in adapter.strategy.members if name in by_name]
+            for adapter in adapters
+            if adapter.strategy.members
+        }
+        # The meta adapter whose route entry a member follows.
+        self.meta_of = {member: meta for meta, members in self.members.items() for member in members}
+        owned = set(self.meta_of)
+        steps = [adapter for adapter in adapters if adapter not in owned]
+        self.input_steps = [adapter for adapter in steps if adapter.insertion == "input"]
+        self.output_steps = [adapter for adapter in steps if adapter.insertion != "input"]
         self.parallel_adapters = [adapter for adapter in adapters if adapter.insertion == "parallel"]
-        self.output_side_adapters = [adapter for adapter in adapters if adapter.insertion != "input"]
         self.handles: list[RemovableHandle] = []
         # Parallel results wait here between the pre-hook and the forward hook of one call.
         # A stack per thread keeps re-entrant calls and concurrent threads apart.
@@ -153,9 +173,9 @@ class Site:
 
     def register(self) -> None:
         """Register this site's hooks on its host."""
-        if self.input_adapters or self.parallel_adapters:
+        if self.input_steps or self.parallel_adapters:
             self.handles.append(self.host.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-        if self.output_side_adapters:
+        if self.output_steps:
             self.handles.append(
                 self.host.register_forward_hook(self._forward_hook, with_kwargs=True, always_call=True)
             )
@@ -172,16 +192,51 @@ class Site:
             self._local.stack = []
             return self._local.stack
 
+    def _samples(self, adapter: Adapter, tensor: torch.Tensor) -> torch.Tensor | None:
+        """Return the batch indices routed to ``adapter``, or None when every sample is."""
+        route = self.owner.current_route() if self.owner is not None else None
+        if route is None:
+            return None
+        return route.indices(adapter.name, tensor, site=self.path)
+
+    def _apply(self, adapter: Adapter, y: torch.Tensor, outs: dict[Adapter, torch.Tensor] | None) -> torch.Tensor:
+        """Return ``y`` adapted by ``adapter`` (and its members), on the routed samples only."""
+        samples = self._samples(adapter, y)
+        if samples is not None:
+            if samples.numel() == 0:
+                return y
+            part = self._apply_all(adapter, y.index_select(0, samples), outs)
+            return y.index_copy(0, samples, part)
+        return self._apply_all(adapter, y, outs)
+
+    def _apply_all(self, adapter: Adapter, y: torch.Tensor, outs: dict[Adapter, torch.Tensor] | None) -> torch.Tensor:
+        members = self.members.get(adapter)
+        if members is None:
+            out = outs.get(adapter) if outs is not None and adapter.insertion == "parallel" else adapter.run_network(y)
+            return adapter.compose(y, out)
+        results = {}
+        for member in members:
+            if member.enabled and not member.merged:
+                out = outs.get(member) if outs is not None and member.insertion == "parallel" else member.run_network(y)
+                results[member.name] = member.compose(y, out)
+        return adapter.compose(y, results)
+
+    @staticmethod
+    def _runs(adapter: Adapter, training: bool) -> bool:
+        if not adapter.enabled or adapter.merged:
+            return False
+        if adapter.training != training:
+            adapter.train(training)
+        return True
+
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         training = module.training
         changed = False
-        for adapter in self.input_adapters:
-            if not adapter.enabled:
+        for adapter in self.input_steps:
+            if not self._runs(adapter, training):
                 continue
-            if adapter.training != training:
-                adapter.train(training)
             x = adapter.input_selector.get(args, kwargs)
-            args, kwargs = adapter.input_selector.replace(args, kwargs, adapter(x))
+            args, kwargs = adapter.input_selector.replace(args, kwargs, self._apply(adapter, x, None))
             changed = True
 
         if self.parallel_adapters:
@@ -189,11 +244,13 @@ class Site:
             frame: dict[Adapter, torch.Tensor] = {}
             self._stack().append(frame)
             for adapter in self.parallel_adapters:
-                if not adapter.enabled:
+                if not self._runs(adapter, training):
                     continue
-                if adapter.training != training:
-                    adapter.train(training)
-                frame[adapter] = adapter.run_network(adapter.input_selector.get(args, kwargs))
+                x = adapter.input_selector.get(args, kwargs)
+                samples = self._samples(self.meta_of.get(adapter, adapter), x)
+                if samples is not None:
+                    x = x.index_select(0, samples)
+                frame[adapter] = adapter.run_network(x)
         return (args, kwargs) if changed else None
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -204,25 +261,19 @@ class Site:
         if output is None and sys.exc_info()[0] is not None:
             # The host or an earlier hook raised; this call only clears the per-call state.
             return None
+        if frame is None and self.parallel_adapters:
+            msg = (
+                f"adapters at {self.path!r}: the forward hook ran without the pre-hook that computes "
+                f"the parallel branch; attach adapters outside the host's forward call"
+            )
+            raise AttachError(msg)
 
         training = module.training
-        for adapter in self.output_side_adapters:
-            if adapter.insertion == "parallel":
-                if frame is None:
-                    msg = (
-                        f"adapter {adapter.name!r} at {self.path!r}: the forward hook ran without "
-                        f"the pre-hook that computes the parallel branch; attach adapters outside "
-                        f"the host's forward call"
-                    )
-                    raise AttachError(msg)
-                out = frame.get(adapter)
-                if out is None:
-                    continue
-                y = adapter.output_selector.get(output)
-                output = adapter.output_selector.replace(output, adapter.compose(y, out))
-            elif adapter.enabled:
-                if adapter.training != training:
-                    adapter.train(training)
-                y = adapter.output_selector.get(output)
-                output = adapter.output_selector.replace(output, adapter(y))
+        for adapter in self.output_steps:
+            if adapter.insertion == "parallel" and adapter not in frame:
+                continue
+            if not self._runs(adapter, training):
+                continue
+            y = adapter.output_selector.get(output)
+            output = adapter.output_selector.replace(output, self._apply(adapter, y, frame))
         return output

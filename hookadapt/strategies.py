@@ -2,8 +2,10 @@
 
 A strategy is an `torch.nn.Module` whose ``forward(x, out)`` receives the
 tensor being adapted, ``x``, and the network's output, ``out``, and returns
-the merged result. Strategies run in the adapter set's config order, so each
-one receives the result of the one before it at the same site.
+the merged result. Both have their features in the last dimension, and
+``features`` is the size of that dimension in ``x``. Strategies run in the
+adapter set's config order, so each one receives the result of the one
+before it at the same site.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import nn
 
 from .registry import STRATEGIES, register_strategy
 
-__all__ = ["Strategy", "ResidualAdd", "ReturnResult", "ScaledAdd", "Multiply"]
+__all__ = ["Strategy", "ResidualAdd", "ReturnResult", "ScaledAdd", "Multiply", "Concat", "Gated"]
 
 
 def _inside_backward() -> bool:
@@ -29,11 +31,17 @@ class Strategy(nn.Module):
 
     Subclasses implement ``forward(x, out)``. A strategy that adds a
     training loss term calls `add_auxiliary_loss`; the adapter set sums the
-    terms in ``auxiliary_loss()``.
+    terms in ``auxiliary_loss()``. A meta strategy sets ``members`` to the
+    names of the adapters it combines and implements ``forward(x, results)``,
+    where ``results`` are those adapters' results on the same ``x``.
     """
 
-    def __init__(self) -> None:
+    # Names of the adapters whose results a meta strategy combines; empty for other strategies.
+    members: tuple[str, ...] = ()
+
+    def __init__(self, features: int) -> None:
         super().__init__()
+        self.features = features
         self._auxiliary_losses: list[torch.Tensor] | None = None
 
     def add_auxiliary_loss(self, value: torch.Tensor) -> None:
@@ -73,12 +81,13 @@ class ResidualAdd(Strategy):
 
     def __init__(
         self,
+        features: int,
         *,
         stochastic_depth: float = 0.0,
         stochastic_depth_mode: str = "batch",
         l2_lambda: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__(features)
         self.stochastic_depth = float(stochastic_depth)
         self.stochastic_depth_mode = stochastic_depth_mode
         self.l2_lambda = float(l2_lambda)
@@ -126,8 +135,8 @@ class ReturnResult(Strategy):
 class ScaledAdd(Strategy):
     """Compute ``x + scale * out`` with a fixed ``scale``."""
 
-    def __init__(self, *, scale: float = 1.0) -> None:
-        super().__init__()
+    def __init__(self, features: int, *, scale: float = 1.0) -> None:
+        super().__init__(features)
         self.scale = float(scale)
 
     @staticmethod
@@ -146,3 +155,64 @@ class Multiply(Strategy):
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return x * out
+
+
+@register_strategy("concat")
+class Concat(Strategy):
+    """Concatenate ``x`` and ``out`` along ``dim``.
+
+    Along the feature dimension (``dim=-1``) with ``project=True``, a linear
+    projection maps the ``features + out_features`` channels back to
+    ``features``, so the host's output keeps its size. The projection starts
+    as the identity on ``x`` and zero on ``out``, so a fresh adapter changes
+    nothing. Along another dimension, such as the sequence, the host's
+    tensor grows and nothing is projected; that needs ``return_result``-like
+    care downstream, because the host's consumers see the longer tensor.
+    """
+
+    def __init__(self, features: int, *, dim: int = -1, project: bool = True) -> None:
+        super().__init__(features)
+        self.dim = dim
+        self.projection: nn.Linear | None = None
+        if project and dim == -1:
+            # The network's output has as many features as x, which the site checks.
+            self.projection = nn.Linear(2 * features, features, bias=False)
+            with torch.no_grad():
+                self.projection.weight.zero_()
+                self.projection.weight[:, :features].copy_(torch.eye(features))
+
+    @staticmethod
+    def check_options(options: dict[str, Any]) -> None:
+        if isinstance(options["dim"], bool) or not isinstance(options["dim"], int):
+            msg = f"dim must be an int, got {options['dim']!r}"
+            raise ValueError(msg)
+        if not isinstance(options["project"], bool):
+            msg = f"project must be True or False, got {options['project']!r}"
+            raise ValueError(msg)
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        joined = torch.cat([x, out.expand(*x.shape[:-1], out.shape[-1]) if self.dim == -1 else out], dim=self.dim)
+        if self.projection is None:
+            return joined
+        return self.projection(joined)
+
+
+@register_strategy("gated")
+class Gated(Strategy):
+    """Compute ``x + tanh(gate) * out`` with a learned gate that starts at zero, so closed.
+
+    ``per_channel=True`` learns one gate per feature instead of one scalar.
+    """
+
+    def __init__(self, features: int, *, per_channel: bool = False) -> None:
+        super().__init__(features)
+        self.gate = nn.Parameter(torch.zeros(features if per_channel else ()))
+
+    @staticmethod
+    def check_options(options: dict[str, Any]) -> None:
+        if not isinstance(options["per_channel"], bool):
+            msg = f"per_channel must be True or False, got {options['per_channel']!r}"
+            raise ValueError(msg)
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.gate) * out

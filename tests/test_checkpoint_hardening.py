@@ -887,7 +887,7 @@ BAD_FILES = [
     ),
     pytest.param(
         with_config(set_kind("strategy", "no_such_strategy")),
-        "unknown strategy kind 'no_such_strategy'; known kinds are multiply, residual_add, return_result, scaled_add",
+        f"unknown strategy kind 'no_such_strategy'; known kinds are {', '.join(sorted(hookadapt.STRATEGIES.kinds()))}",
         id="unknown-strategy",
     ),
     pytest.param(

@@ -177,13 +177,13 @@ class RenamedSizes(nn.Module):
 
 
 class PositionalStrategy(Strategy):
-    def __init__(self, scale: float = 1.0) -> None:
-        super().__init__()
+    def __init__(self, features: int, scale: float = 1.0) -> None:
+        super().__init__(features)
 
 
 class NoDefaultStrategy(Strategy):
-    def __init__(self, *, scale: float) -> None:
-        super().__init__()
+    def __init__(self, features: int, *, scale: float) -> None:
+        super().__init__(features)
 
 
 class TestRejectedClasses:
@@ -269,8 +269,8 @@ class TestUserKindsEndToEnd:
 
         @register_strategy(strategy_kind)
         class Subtract(Strategy):
-            def __init__(self, *, weight: float = 1.0) -> None:
-                super().__init__()
+            def __init__(self, features: int, *, weight: float = 1.0) -> None:
+                super().__init__(features)
                 self.weight = weight
 
             def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -29,12 +29,12 @@ class TestHandValues:
     @pytest.mark.parametrize(
         ("strategy", "expected"),
         [
-            (ResidualAdd(), [[1.25, -1.0, 2.0], [2.5, -0.5, 2.5]]),
-            (ReturnResult(), [[0.25, 1.0, -1.0], [2.0, -0.5, 4.0]]),
-            (ScaledAdd(scale=0.5), [[1.125, -1.5, 2.5], [1.5, -0.25, 0.5]]),
-            (ScaledAdd(), [[1.25, -1.0, 2.0], [2.5, -0.5, 2.5]]),
-            (ScaledAdd(scale=-2), [[0.5, -4.0, 5.0], [-3.5, 1.0, -9.5]]),
-            (Multiply(), [[0.25, -2.0, -3.0], [1.0, 0.0, -6.0]]),
+            (ResidualAdd(3), [[1.25, -1.0, 2.0], [2.5, -0.5, 2.5]]),
+            (ReturnResult(3), [[0.25, 1.0, -1.0], [2.0, -0.5, 4.0]]),
+            (ScaledAdd(3, scale=0.5), [[1.125, -1.5, 2.5], [1.5, -0.25, 0.5]]),
+            (ScaledAdd(3), [[1.25, -1.0, 2.0], [2.5, -0.5, 2.5]]),
+            (ScaledAdd(3, scale=-2), [[0.5, -4.0, 5.0], [-3.5, 1.0, -9.5]]),
+            (Multiply(3), [[0.25, -2.0, -3.0], [1.0, 0.0, -6.0]]),
         ],
         ids=["residual_add", "return_result", "scaled_add-half", "scaled_add-default", "scaled_add-negative", "multiply"],
     )
@@ -42,11 +42,11 @@ class TestHandValues:
         assert torch.equal(strategy(X, OUT), torch.tensor(expected))
 
     def test_multiply_broadcasts_vector(self) -> None:
-        assert torch.equal(Multiply()(X, torch.tensor([2.0, 0.0, -1.0])), torch.tensor([[2.0, 0.0, -3.0], [1.0, 0.0, 1.5]]))
+        assert torch.equal(Multiply(3)(X, torch.tensor([2.0, 0.0, -1.0])), torch.tensor([[2.0, 0.0, -3.0], [1.0, 0.0, 1.5]]))
 
     @pytest.mark.parametrize(
         "strategy",
-        [ResidualAdd(stochastic_depth=0.5, l2_lambda=0.1).eval(), ResidualAdd(stochastic_depth=0.0, l2_lambda=0.1)],
+        [ResidualAdd(3, stochastic_depth=0.5, l2_lambda=0.1).eval(), ResidualAdd(3, stochastic_depth=0.0, l2_lambda=0.1)],
         ids=["eval-with-depth", "train-without-depth"],
     )
     def test_residual_add_plain(self, strategy: ResidualAdd) -> None:
@@ -54,19 +54,19 @@ class TestHandValues:
         assert torch.equal(strategy(X, OUT), X + OUT)
 
     def test_return_result_is_out(self) -> None:
-        assert ReturnResult()(X, OUT) is OUT
+        assert ReturnResult(3)(X, OUT) is OUT
 
 
 class TestStochasticDepth:
     @pytest.mark.parametrize("mode", ["batch", "sample"])
     def test_p_one_returns_x(self, mode: str) -> None:
-        strategy = ResidualAdd(stochastic_depth=1.0, stochastic_depth_mode=mode).train()
+        strategy = ResidualAdd(3, stochastic_depth=1.0, stochastic_depth_mode=mode).train()
         assert torch.equal(strategy(X, OUT), X)
 
     @pytest.mark.parametrize("mode", ["batch", "sample"])
     def test_p_one_keeps_graph(self, mode: str) -> None:
         """A dropped adapter still gets a gradient: a zero tensor, not None."""
-        strategy = ResidualAdd(stochastic_depth=1.0, stochastic_depth_mode=mode).train()
+        strategy = ResidualAdd(3, stochastic_depth=1.0, stochastic_depth_mode=mode).train()
         out = OUT.clone().requires_grad_(True)
         strategy(X, out).sum().backward()
         assert out.grad is not None
@@ -98,7 +98,7 @@ class TestStochasticDepth:
     def test_batch_draw_all_or_nothing(self) -> None:
         """Per batch, p = 0.5 gives x or x + 2 * out for the whole batch, and both occur."""
         torch.manual_seed(0)
-        strategy = ResidualAdd(stochastic_depth=0.5).train()
+        strategy = ResidualAdd(3, stochastic_depth=0.5).train()
         x = torch.randn(8, 5)
         out = torch.randn(8, 5)
         kept_result = x + out / 0.5
@@ -116,7 +116,7 @@ class TestStochasticDepth:
     def test_sample_draw_per_row(self) -> None:
         """Per sample, every row is x or x + 2 * out on its own, and rows differ within a batch."""
         torch.manual_seed(1)
-        strategy = ResidualAdd(stochastic_depth=0.5, stochastic_depth_mode="sample").train()
+        strategy = ResidualAdd(3, stochastic_depth=0.5, stochastic_depth_mode="sample").train()
         x = torch.randn(16, 3, 5)
         out = torch.randn(16, 3, 5)
         kept_result = x + out / 0.5
@@ -132,18 +132,18 @@ class TestStochasticDepth:
 
     def test_draw_rate_near_half(self) -> None:
         torch.manual_seed(2)
-        strategy = ResidualAdd(stochastic_depth=0.5, stochastic_depth_mode="sample").train()
+        strategy = ResidualAdd(3, stochastic_depth=0.5, stochastic_depth_mode="sample").train()
         result = strategy(torch.zeros(4000, 1), torch.ones(4000, 1))
         assert 0.45 < float((result == 0).float().mean()) < 0.55
 
     @pytest.mark.parametrize("mode", ["batch", "sample"])
     def test_p_zero_unchanged(self, mode: str) -> None:
-        strategy = ResidualAdd(stochastic_depth=0.0, stochastic_depth_mode=mode).train()
+        strategy = ResidualAdd(3, stochastic_depth=0.0, stochastic_depth_mode=mode).train()
         assert torch.equal(strategy(X, OUT), X + OUT)
 
     @pytest.mark.parametrize("mode", ["batch", "sample"])
     def test_eval_ignores_depth(self, mode: str) -> None:
-        strategy = ResidualAdd(stochastic_depth=1.0, stochastic_depth_mode=mode).eval()
+        strategy = ResidualAdd(3, stochastic_depth=1.0, stochastic_depth_mode=mode).eval()
         assert torch.equal(strategy(X, OUT), X + OUT)
 
 
@@ -347,5 +347,5 @@ class TestL2Loss:
 
     def test_standalone_strategy_records_nothing(self) -> None:
         """A strategy outside an adapter set has nowhere to record and still composes."""
-        strategy = ResidualAdd(l2_lambda=1.0).train()
+        strategy = ResidualAdd(3, l2_lambda=1.0).train()
         assert torch.equal(strategy(X, OUT), X + OUT)
