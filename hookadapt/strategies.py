@@ -165,9 +165,9 @@ class Concat(Strategy):
     projection maps the ``features + out_features`` channels back to
     ``features``, so the host's output keeps its size. The projection starts
     as the identity on ``x`` and zero on ``out``, so a fresh adapter changes
-    nothing. Along another dimension, such as the sequence, the host's
-    tensor grows and nothing is projected; that needs ``return_result``-like
-    care downstream, because the host's consumers see the longer tensor.
+    nothing. Along another dimension, such as the sequence, nothing is
+    projected and the host's tensor grows, so the modules after the host
+    must accept the longer tensor.
     """
 
     def __init__(self, features: int, *, dim: int = -1, project: bool = True) -> None:
