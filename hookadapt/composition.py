@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -224,8 +223,8 @@ def combine_adapters(adapter_set: AdapterSet, weights: Mapping[str, float], into
             key: sum(weights[name] * adapter_set.adapters[name][path].state_dict()[key].detach() for name in names)
             for key in shapes[names[0]]
         }
-    spec = attrs.evolve(first, strategy=copy.deepcopy(first.strategy))
-    return {"spec": spec, "states": states}
+    # Specs are frozen, so the new adapter can share the first one's.
+    return {"spec": first, "states": states}
 
 
 def _concatenate_lora(adapter_set: AdapterSet, weights: Mapping[str, float], sites: list[str], first: Any) -> dict[str, Any]:
