@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import AdapterSpec, parse_config
-from .errors import AttachError, ConfigError, HookadaptError, ShapeError
+from .errors import AttachError, ConfigError, HookadaptError, ShapeError, TargetError
 from .composition import Route, check_members, combine_adapters, merge_adapters, restore_merged
 from .sites import Adapter, Site
 from .sizes import network_sizes, probe_sizes
@@ -92,6 +92,39 @@ def network_options_at(name: str, spec: AdapterSpec, path: str) -> dict[str, Any
     return options
 
 
+# Containers whose forward is never called, so hooks on them would never run.
+_NOT_CALLED = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+
+def _callable_hosts(name: str, spec: AdapterSpec, paths: list[str], modules: dict[str, nn.Module]) -> list[str]:
+    """Drop never-called containers that a pattern matched; raise for one named exactly or for TorchScript."""
+    kept = []
+    for path in paths:
+        host = modules[path]
+        shown = path or "<root>"
+        if isinstance(host, torch.jit.ScriptModule):
+            msg = (
+                f"adapter {name!r}: target {shown!r} is a TorchScript module, which does not run Python hooks; "
+                f"attach the adapters to the eager module before scripting it"
+            )
+            raise TargetError(msg)
+        if not isinstance(host, _NOT_CALLED):
+            kept.append(path)
+        elif path in spec.target:
+            msg = (
+                f"adapter {name!r}: target {shown!r} is a {type(host).__name__}, which is never called, so its "
+                f"hooks would never run; target its elements instead, for example {shown + '.*'!r}"
+            )
+            raise TargetError(msg)
+    if not kept:
+        msg = (
+            f"adapter {name!r}: target {list(spec.target)!r} matches only containers that are never called "
+            f"({', '.join(repr(path) for path in paths)}); target their elements instead"
+        )
+        raise TargetError(msg)
+    return kept
+
+
 def _hold(adapter: Adapter, owner: tuple[nn.Module, str] | None) -> None:
     """Register ``adapter`` under the reserved child of its owner, or mark it outside the tree."""
     if owner is None:
@@ -100,7 +133,21 @@ def _hold(adapter: Adapter, owner: tuple[nn.Module, str] | None) -> None:
     module, relative = owner
     if RESERVED not in module._modules:
         module.add_module(RESERVED, AdapterHolder())
-    module._modules[RESERVED]._modules[_holder_key(adapter, relative)] = adapter
+    holder = module._modules[RESERVED]
+    key = _holder_key(adapter, relative)
+    if key in holder._modules:
+        msg = (
+            f"adapter {adapter.name!r} at {adapter.path!r}: another adapter set already keeps an adapter "
+            f"named {adapter.name!r} in {type(module).__name__}; adapter names must be unique across every "
+            f"set attached to one model and its submodules, so choose another name"
+        )
+        raise AttachError(msg)
+    holder._modules[key] = adapter
+
+
+def base_state(module: nn.Module, *, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+    """Return ``module.state_dict()`` without the tensors of attached adapters."""
+    return {key: value for key, value in module.state_dict(keep_vars=keep_vars).items() if RESERVED not in key.split(".")}
 
 
 def _parent_path(path: str) -> str | None:
@@ -153,6 +200,8 @@ class AdapterSet:
             name: resolve_targets(model, name, spec.target, spec.exclude, modules)
             for name, spec in self.specs.items()
         }
+        for name, paths in list(targets.items()):
+            targets[name] = _callable_hosts(name, self.specs[name], paths, modules)
 
         probed: dict[tuple[str, str], tuple[int | None, int | None]] = {}
         if example_inputs is not None:
@@ -209,6 +258,24 @@ class AdapterSet:
         self.load_result: Any = None
         self._snapshots: dict[str, dict[str, torch.Tensor]] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # copy.deepcopy(model) and pickle reach the set through the hooks; the copy then
+        # refers to the copied model and is listed as attached to it.
+        state = dict(self.__dict__)
+        del state["_route_state"]
+        state["_model_ref"] = self.model
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        model = state.pop("_model_ref")
+        self.__dict__.update(state)
+        self._model_ref = weakref.ref(model)
+        self._route_state = threading.local()
+        if self.is_attached:
+            live = _LIVE.setdefault(model, [])
+            live.append(weakref.ref(self))
+            live.sort(key=lambda ref: ref().serial if ref() is not None else -1)
+
     @property
     def model(self) -> nn.Module:
         """The model the adapters attach to; the adapter set does not keep it alive."""
@@ -237,6 +304,9 @@ class AdapterSet:
     def _resolve_train_modules(self, paths: Sequence[str], modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
         if isinstance(paths, str):
             paths = [paths]
+        if not isinstance(paths, (list, tuple)) or not all(isinstance(path, str) for path in paths):
+            msg = f"train_modules must be a list of module paths (str), got {paths!r}"
+            raise ConfigError(msg)
         found = {}
         for path in paths:
             if path not in modules:
@@ -281,7 +351,12 @@ class AdapterSet:
 
     def _set_flags(self) -> None:
         adapter_params = {id(param) for param in self.parameters(include_train_modules=False)}
-        train_params = {id(param) for module in self.train_modules.values() for param in module.parameters()}
+        train_params = {
+            id(param)
+            for module in self.train_modules.values()
+            for path, param in module.named_parameters()
+            if RESERVED not in path.split(".")
+        }
         for path, param in self.model.named_parameters():
             if RESERVED in path.split(".") or id(param) in adapter_params:
                 continue
@@ -294,12 +369,12 @@ class AdapterSet:
 
     def _snapshot_train_modules(self) -> None:
         for path, module in self.train_modules.items():
-            self._snapshots[path] = {key: value.detach().clone() for key, value in module.state_dict().items()}
+            self._snapshots[path] = {key: value.detach().clone() for key, value in base_state(module).items()}
 
     def _copy_train_values(self, values: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         with torch.no_grad():
             for path, tensors in values.items():
-                state = self.train_modules[path].state_dict(keep_vars=True)
+                state = base_state(self.train_modules[path], keep_vars=True)
                 for key, value in tensors.items():
                     state[key].copy_(value)
 
@@ -322,7 +397,7 @@ class AdapterSet:
                 del module._modules[RESERVED]
         with torch.no_grad():
             for path, snapshot in self._snapshots.items():
-                state = self.train_modules[path].state_dict(keep_vars=True)
+                state = base_state(self.train_modules[path], keep_vars=True)
                 for key, value in snapshot.items():
                     state[key].copy_(value)
         self._snapshots.clear()
@@ -391,7 +466,8 @@ class AdapterSet:
         if include_train_modules:
             for path, module in self.train_modules.items():
                 for key, param in module.named_parameters():
-                    yield state_key("modules", "", path, key), param
+                    if RESERVED not in key.split("."):
+                        yield state_key("modules", "", path, key), param
 
     def state_dict(self, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """Return the tensors a checkpoint stores, by checkpoint key, detached from autograd."""
@@ -400,7 +476,7 @@ class AdapterSet:
             for key, value in adapter.state_dict().items():
                 result[state_key("adapters", adapter.name, adapter.path, key)] = value.detach()
         for path, module in self.train_modules.items():
-            for key, value in module.state_dict().items():
+            for key, value in base_state(module).items():
                 result[state_key("modules", "", path, key)] = value.detach()
         return result
 

@@ -27,7 +27,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .adapter_set import AdapterSet, attached, network_options_at, state_key, unwrap_model
+from .adapter_set import AdapterSet, attached, base_state, network_options_at, state_key, unwrap_model
 from .config import DTYPES, AdapterSpec, config_to_dict, parse_config
 from .errors import CheckpointError, ConfigError
 from .files import check_safetensors_header, write_atomically
@@ -89,6 +89,16 @@ def model_fingerprint(model: nn.Module, paths: Iterable[str]) -> dict[str, dict[
         }
         result[path] = {"class": type(module).__qualname__, "tensors": tensors}
     return result
+
+
+def _current_spec(adapter_set: AdapterSet, name: str) -> AdapterSpec:
+    """Return the spec of ``name`` with the dtype its networks have now, which `model.to()` may have changed."""
+    spec = adapter_set.specs[name]
+    names_by_dtype = {dtype: key for key, dtype in DTYPES.items()}
+    dtypes = {names_by_dtype.get(adapter.dtype) for adapter in adapter_set.adapters[name].values()}
+    if len(dtypes) == 1 and None not in dtypes:
+        return attrs.evolve(spec, dtype=dtypes.pop())
+    return spec
 
 
 def _deduplicate(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -170,7 +180,7 @@ def save_adapters(
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "hookadapt_version": __version__,
-        "config": json.dumps(config_to_dict({name: adapter_set.specs[name] for name in chosen})),
+        "config": json.dumps(config_to_dict({name: _current_spec(adapter_set, name) for name in chosen})),
         "sizes": json.dumps(adapter_set.sizes(chosen)),
         "train_modules": json.dumps(list(adapter_set.train_modules)),
         "base_model": json.dumps(model_fingerprint(adapter_set.model, dict.fromkeys([*sites, *adapter_set.train_modules]))),
@@ -202,6 +212,9 @@ def read_checkpoint(path: str | os.PathLike) -> StoredAdapters:
         msg = f"adapter checkpoint {str(path)!r} not found; check the path"
         raise CheckpointError(msg)
     peft = peft_paths(path)
+    if peft is not None and path.is_file() and path.suffix == ".safetensors" and _metadata(path).get("format") == FORMAT:
+        # A hookadapt file that happens to sit in a PEFT folder.
+        peft = None
     if peft is not None:
         contents = read_peft(*peft)
         specs = _parse_specs(path, contents["config"])
@@ -243,7 +256,7 @@ def read_checkpoint(path: str | os.PathLike) -> StoredAdapters:
         except KeyError:
             msg = f"adapter checkpoint {str(path)!r}: metadata field {field!r} is missing; the file is incomplete"
             raise CheckpointError(msg) from None
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:
             msg = f"adapter checkpoint {str(path)!r}: metadata field {field!r} is not valid JSON: {err}"
             raise CheckpointError(msg) from err
     _check_layout(path, parsed, tensors)
@@ -253,6 +266,16 @@ def read_checkpoint(path: str | os.PathLike) -> StoredAdapters:
     return StoredAdapters(
         path, FORMAT, specs, parsed["sizes"], parsed["train_modules"], tensors, parsed["base_model"], raw
     )
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    check_safetensors_header(path)
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as file:
+            return file.metadata() or {}
+    except (safetensors.SafetensorError, OSError, ValueError) as err:
+        msg = f"adapter checkpoint {str(path)!r} is not a readable safetensors file: {err}"
+        raise CheckpointError(msg) from err
 
 
 def _parse_specs(path: Path, config: Any) -> dict[str, AdapterSpec]:
@@ -392,6 +415,16 @@ def load_adapters(
     stored = read_checkpoint(path)
     path = stored.path
     model = unwrap_model(model)
+    if stored.format == "peft":
+        modules = candidate_modules(model)
+        for site in stored.sizes.get(next(iter(stored.specs)), {}):
+            host = modules.get(site)
+            if host is not None and not isinstance(host, nn.Linear):
+                msg = (
+                    f"PEFT checkpoint {str(path)!r}: module {site!r} is a {type(host).__name__}, but hookadapt "
+                    f"applies PEFT's LoRA weights to nn.Linear modules only"
+                )
+                raise CheckpointError(msg)
     specs = _choose(stored, names)
     tensors = {key: value for key, value in stored.tensors.items() if _tensor_owner(key) in (*specs, None)}
     dtype_name = _dtype_name(path, dtype)
@@ -469,8 +502,15 @@ def _check_stored_shapes(
     for name, spec in specs.items():
         for site, (in_size, out_size) in stored.sizes.get(name, {}).items():
             options = network_options_at(name, spec, site)
-            with torch.device("meta"):
-                network = NETWORKS.get(spec.network.kind)(in_size, out_size, **options)
+            try:
+                with torch.device("meta"):
+                    network = NETWORKS.get(spec.network.kind)(in_size, out_size, **options)
+            except (RuntimeError, ValueError, OverflowError, TypeError) as err:
+                msg = (
+                    f"adapter checkpoint {str(stored.path)!r}: adapter {name!r} at {site or '<root>'!r} cannot be "
+                    f"built with sizes ({in_size}, {out_size}) and options {options}: {err}"
+                )
+                raise CheckpointError(msg) from err
             needed += sum(value.numel() for value in network.state_dict().values())
     # A small difference is listed by the full comparison after the build; this guard only
     # stops networks far larger than the tensors the file stores.
@@ -552,6 +592,6 @@ def _live_tensors(adapter_set: AdapterSet, specs: Mapping[str, Any]) -> dict[str
         for key, value in adapter.state_dict(keep_vars=True).items():
             result[state_key("adapters", adapter.name, adapter.path, key)] = value
     for path, module in adapter_set.train_modules.items():
-        for key, value in module.state_dict(keep_vars=True).items():
+        for key, value in base_state(module, keep_vars=True).items():
             result[state_key("modules", "", path, key)] = value
     return result

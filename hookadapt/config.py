@@ -9,8 +9,7 @@ gives the JSON-ready form that checkpoints store.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from types import MappingProxyType
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -40,10 +39,38 @@ DTYPES: dict[str, torch.dtype] = {
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 
+class FrozenMapping(Mapping):
+    """A read-only mapping of options that, unlike `types.MappingProxyType`, copies and pickles."""
+
+    def __init__(self, items: Mapping[str, Any]) -> None:
+        self._items = dict(items)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self._items) == dict(other)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._items))
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+    def __reduce__(self) -> tuple:
+        return (FrozenMapping, (self._items,))
+
+
 def _freeze(value: Any) -> Any:
     # Anything else passes unchanged, so validation can report it with the adapter's name.
     if isinstance(value, Mapping):
-        return MappingProxyType({key: _freeze(item) for key, item in value.items()})
+        return FrozenMapping({key: _freeze(item) for key, item in value.items()})
     if isinstance(value, list):
         return tuple(_freeze(item) for item in value)
     return value

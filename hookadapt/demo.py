@@ -175,15 +175,23 @@ def linear_probe(model: ReviewClassifier, train_features: torch.Tensor, labels: 
         optimizer.step()
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        msg = f"must be a positive integer, got {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the demo's options to ``parser``."""
     parser.add_argument("--adapter", choices=sorted(ADAPTER_CONFIGS), default="linear", help="adapter kind to train (default: linear)")
-    parser.add_argument("--epochs", type=int, default=2, help="passes over the training split (default: 2)")
-    parser.add_argument("--batch-size", type=int, default=32, help="training batch size (default: 32)")
+    parser.add_argument("--epochs", type=_positive_int, default=2, help="passes over the training split (default: 2)")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="training batch size (default: 32)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate for adapters and head, warmed up over the first 10 %% of steps and decayed linearly to zero (default: 2e-3)")
     parser.add_argument("--output", type=Path, default=Path("demo-output/adapters.safetensors"), help="checkpoint path (default: demo-output/adapters.safetensors)")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps (default: no limit)")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N train and N/4 test snippets, for quick runs")
+    parser.add_argument("--max-steps", type=_positive_int, default=None, help="stop training after this many steps (default: no limit)")
+    parser.add_argument("--limit", type=_positive_int, default=None, help="use only the first N train and N/4 test snippets, for quick runs")
 
 
 def run(args: argparse.Namespace, *, log: Any = print) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from .adapter_set import base_state
 from .errors import CheckpointError
 from .files import check_safetensors_header, write_files_atomically
 
@@ -77,7 +78,7 @@ def read_peft(config_path: Path, weights_path: Path) -> dict[str, Any]:
     where = f"PEFT checkpoint {str(config_path.parent)!r}"
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         msg = f"{where}: {PEFT_CONFIG} is not readable JSON: {err}"
         raise CheckpointError(msg) from err
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
@@ -109,6 +110,7 @@ def read_peft(config_path: Path, weights_path: Path) -> dict[str, Any]:
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     modules_to_save = config.get("modules_to_save") or []
+    _check_peft_fields(where, rank, alpha, rank_pattern, alpha_pattern, modules_to_save)
 
     lora: dict[str, dict[str, torch.Tensor]] = {}
     train: dict[str, dict[str, torch.Tensor]] = {}
@@ -148,8 +150,9 @@ def read_peft(config_path: Path, weights_path: Path) -> dict[str, Any]:
         sizes[site] = [int(parts["A"].shape[1]), int(parts["B"].shape[0])]
         if (site_rank, site_alpha) != (rank, alpha):
             overrides[re.escape(site)] = {"rank": site_rank, "alpha": site_alpha}
-        tensors[f"adapters/{PEFT_NAME}/{site}/network.lora_A.weight"] = parts["A"]
-        tensors[f"adapters/{PEFT_NAME}/{site}/network.lora_B.weight"] = parts["B"]
+        # hookadapt's lora networks are float32 by default, as PEFT's LoRA layers are.
+        tensors[f"adapters/{PEFT_NAME}/{site}/network.lora_A.weight"] = parts["A"].float()
+        tensors[f"adapters/{PEFT_NAME}/{site}/network.lora_B.weight"] = parts["B"].float()
     for module_path, module_tensors in train.items():
         for tensor_name, tensor in module_tensors.items():
             tensors[f"modules/{module_path}/{tensor_name}"] = tensor
@@ -169,6 +172,31 @@ def read_peft(config_path: Path, weights_path: Path) -> dict[str, Any]:
         "overrides": {f"re:{pattern}": options for pattern, options in overrides.items()},
     }
     return {"config": {PEFT_NAME: spec}, "sizes": {PEFT_NAME: sizes}, "train_modules": sorted(train), "tensors": tensors}
+
+
+def _check_peft_fields(where: str, rank: Any, alpha: Any, rank_pattern: Any, alpha_pattern: Any, modules_to_save: Any) -> None:
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    problems = []
+    if not (isinstance(rank, int) and not isinstance(rank, bool) and rank > 0):
+        problems.append(f"r must be a positive int, found {rank!r}")
+    if not number(alpha):
+        problems.append(f"lora_alpha must be a number, found {alpha!r}")
+    for field, patterns, check in (("rank_pattern", rank_pattern, lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0), ("alpha_pattern", alpha_pattern, number)):
+        if not isinstance(patterns, dict) or not all(isinstance(key, str) and check(value) for key, value in patterns.items()):
+            problems.append(f"{field} must map module name patterns to numbers, found {patterns!r}")
+            continue
+        for key in patterns:
+            try:
+                re.compile(key)
+            except re.error as err:
+                problems.append(f"{field} key {key!r} is not a valid regex ({err})")
+    if not isinstance(modules_to_save, list) or not all(isinstance(item, str) for item in modules_to_save):
+        problems.append(f"modules_to_save must be a list of module names, found {modules_to_save!r}")
+    if problems:
+        msg = f"{where}: invalid {PEFT_CONFIG}: {'; '.join(problems)}"
+        raise CheckpointError(msg)
 
 
 def _module_to_save(name: str, modules_to_save: list[str]) -> str | None:
@@ -214,7 +242,7 @@ def write_peft(adapter_set: Any, folder: Path, name: str) -> Path:
             weight = getattr(adapter.network, f"lora_{part}").weight
             tensors[f"{_PREFIX}{path}.lora_{part}.weight"] = weight.detach().to("cpu", copy=True).contiguous()
     for module_path, module in adapter_set.train_modules.items():
-        for tensor_name, value in module.state_dict().items():
+        for tensor_name, value in base_state(module).items():
             tensors[f"{_PREFIX}{module_path}.{tensor_name}"] = value.detach().to("cpu", copy=True).contiguous()
 
     config = {

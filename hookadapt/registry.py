@@ -155,6 +155,9 @@ def _check_json_value(value: Any, *, adapter: str, field: str) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         msg = f"adapter {adapter!r}: {field} must be a finite number, got {value!r}"
         raise ConfigError(msg)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53:
+        msg = f"adapter {adapter!r}: {field} must be an int within +-2**53, got {value}"
+        raise ConfigError(msg)
     if isinstance(value, _JSON_SCALARS):
         return
     if isinstance(value, (list, tuple)):

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .config import DTYPES, AdapterSpec
-from .errors import AttachError, ShapeError
+from .errors import AttachError, SelectionError, ShapeError
 from .registry import NETWORKS, STRATEGIES
 from .selection import InputSelector, OutputSelector
 
@@ -95,11 +95,33 @@ class Adapter(nn.Module):
         x = self._features_last(x)
         if x.shape[-1] != self.out_features:
             raise self._size_error("output", self.out_features, x)
-        if host_dtype != self.dtype:
-            x = x.to(self.dtype)
+        # Merge in the wider dtype, so a float64 host loses no precision to a float32 adapter.
+        merge_dtype = torch.promote_types(host_dtype, self.dtype)
+        if x.dtype != merge_dtype:
+            x = x.to(merge_dtype)
         if isinstance(out, dict):
-            out = {name: self._features_last(result).to(self.dtype) for name, result in out.items()}
-        result = self.strategy(x, out)
+            out = {name: self._features_last(result).to(merge_dtype) for name, result in out.items()}
+        else:
+            if out.dim() and out.shape[-1] != self.out_features:
+                msg = (
+                    f"adapter {self.name!r} at {self.path!r}: the {self.spec.network.kind!r} network returned "
+                    f"{out.shape[-1]} features but the host tensor has {self.out_features} (network output shape "
+                    f"{tuple(out.shape)}); the network must map in_features to out_features in the last dimension"
+                )
+                raise ShapeError(msg)
+            if out.dtype != merge_dtype:
+                out = out.to(merge_dtype)
+        try:
+            result = self.strategy(x, out)
+        except RuntimeError as err:
+            shapes = {name: tuple(value.shape) for name, value in out.items()} if isinstance(out, dict) else tuple(out.shape)
+            msg = (
+                f"adapter {self.name!r} at {self.path!r}: the {self.spec.strategy.kind!r} strategy failed on the "
+                f"host tensor of shape {tuple(x.shape)} and the network output of shape {shapes} (features "
+                f"last): {err}. Check that the network's output matches the host tensor, for example the "
+                f"spatial size of a strided convolution with parallel insertion"
+            )
+            raise ShapeError(msg) from err
         if result.dtype != host_dtype:
             result = result.to(host_dtype)
         if self.feature_dim not in (-1, result.dim() - 1):
@@ -107,6 +129,19 @@ class Adapter(nn.Module):
         return result
 
     def _features_last(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():
+            msg = (
+                f"adapter {self.name!r} at {self.path!r}: expected a floating-point tensor, found {x.dtype} "
+                f"of shape {tuple(x.shape)}; adapt a float activation instead, with input_select / "
+                f"output_select, or another target"
+            )
+            raise SelectionError(msg)
+        if x.dim() == 0:
+            msg = (
+                f"adapter {self.name!r} at {self.path!r}: expected a tensor with a feature dimension, found a "
+                f"0-d tensor; adapt a module whose input or output has features"
+            )
+            raise ShapeError(msg)
         if self.feature_dim in (-1, x.dim() - 1):
             return x
         if not -x.dim() <= self.feature_dim < x.dim():
@@ -167,8 +202,22 @@ class Site:
         self.output_steps = [adapter for adapter in steps if adapter.insertion != "input"]
         self.parallel_adapters = [adapter for adapter in adapters if adapter.insertion == "parallel"]
         self.handles: list[RemovableHandle] = []
+        # Until a call shows that the host leaves its input alone, parallel networks read a copy
+        # when autograd records, because a host that changes its input in place would corrupt
+        # the tensors saved for backward.
+        self.copy_parallel_input = True
         # Parallel results wait here between the pre-hook and the forward hook of one call.
         # A stack per thread keeps re-entrant calls and concurrent threads apart.
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Per-call state belongs to running forwards, so copies and pickles start without it.
+        state = dict(self.__dict__)
+        del state["_local"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
         self._local = threading.local()
 
     def register(self) -> None:
@@ -247,10 +296,15 @@ class Site:
                 if not self._runs(adapter, training):
                     continue
                 x = adapter.input_selector.get(args, kwargs)
-                samples = self._samples(self.meta_of.get(adapter, adapter), x)
+                if self.copy_parallel_input and torch.is_grad_enabled():
+                    frame[None] = (x, x._version)
+                    network_input = x.clone()
+                else:
+                    network_input = x
+                samples = self._samples(self.meta_of.get(adapter, adapter), network_input)
                 if samples is not None:
-                    x = x.index_select(0, samples)
-                frame[adapter] = adapter.run_network(x)
+                    network_input = network_input.index_select(0, samples)
+                frame[adapter] = adapter.run_network(network_input)
         return (args, kwargs) if changed else None
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -267,6 +321,10 @@ class Site:
                 f"the parallel branch; attach adapters outside the host's forward call"
             )
             raise AttachError(msg)
+
+        watched = frame.pop(None, None) if frame is not None else None
+        if watched is not None and watched[0]._version == watched[1]:
+            self.copy_parallel_input = False
 
         training = module.training
         for adapter in self.output_steps:
