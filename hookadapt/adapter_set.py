@@ -489,10 +489,18 @@ class AdapterSet:
 
     # Enabling and disabling.
 
-    def _select(self, patterns: Iterable[str]) -> list[str]:
-        patterns = [patterns] if isinstance(patterns, str) else list(patterns) or ["*"]
+    def _select(self, patterns: Iterable[str], *, empty_means_all: bool = True) -> list[str]:
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        if not patterns:
+            if not empty_means_all:
+                msg = f"no adapter names given; name at least one of {', '.join(self.names)}, or pass None for all"
+                raise ConfigError(msg)
+            patterns = ["*"]
         selected: list[str] = []
         for pattern in patterns:
+            if not isinstance(pattern, str):
+                msg = f"adapter names must be strings or globs, got {pattern!r}; pass names as separate arguments"
+                raise ConfigError(msg)
             found = [name for name in self.names if fnmatch.fnmatchcase(name, pattern)]
             if not found:
                 msg = f"no adapter in this set matches {pattern!r}; the adapters are {', '.join(self.names)}"

@@ -154,7 +154,7 @@ def save_adapters(
     from . import __version__
 
     path = Path(path)
-    chosen = adapter_set._select(names) if names is not None else adapter_set.names
+    chosen = adapter_set._select(names, empty_means_all=False) if names is not None else adapter_set.names
     if format == "peft":
         if len(chosen) != 1:
             msg = f"PEFT's format holds one adapter, but {len(chosen)} were chosen ({', '.join(chosen)}); pass names=['NAME']"

@@ -1,8 +1,4 @@
-"""Edge cases of the public API: unusual hosts, configs, files and command-line options.
-
-NOTE: every test here fails against hookadapt 0.1.0. Each one states the
-behaviour that a fix should give.
-"""
+"""Edge cases of the public API: unusual hosts, configs, files and command-line options."""
 
 from __future__ import annotations
 
@@ -348,3 +344,19 @@ def test_demo_batch_size_zero(tmp_path: Path) -> None:
     except SystemExit as exit:
         status = exit.code
     assert status not in (0, None)
+
+
+def test_enable_list_argument_raises() -> None:
+    """A list passed where names go raises ConfigError that says how to pass names."""
+    model = Wrap(nn.Linear(4, 4))
+    adapter_set = hookadapt.attach(model, {"a": {"target": "inner", "network": "linear"}})
+    with pytest.raises(hookadapt.ConfigError, match="separate arguments"):
+        adapter_set.enable(["a"])  # type: ignore[arg-type]
+
+
+def test_save_empty_names_raises(tmp_path: Path) -> None:
+    """Saving with names=[] raises instead of saving every adapter."""
+    model = Wrap(nn.Linear(4, 4))
+    adapter_set = hookadapt.attach(model, {"a": {"target": "inner", "network": "linear"}})
+    with pytest.raises(hookadapt.ConfigError, match="no adapter names given"):
+        hookadapt.save_adapters(adapter_set, tmp_path / "a.safetensors", names=[])
