@@ -1,6 +1,6 @@
 """hookadapt: parameter-efficient adapters on any PyTorch module, through forward hooks."""
 
-from .adapter_set import AdapterSet, adapters, attach, attached
+from .adapter_set import AdapterSet, adapters, attach, attached, detach_all
 from .checkpoint import load_adapters, save_adapters
 from .config import AdapterSpec, NetworkSpec, StrategySpec, config_to_dict, parse_config
 from .errors import (
@@ -51,6 +51,7 @@ __all__ = [
     "attach",
     "attached",
     "config_to_dict",
+    "detach_all",
     "load_adapters",
     "parse_config",
     "register_network",

@@ -20,7 +20,7 @@ from .sites import Adapter, Site
 from .sizes import network_sizes, probe_sizes
 from .targets import RESERVED, candidate_modules, compile_pattern, resolve_targets
 
-__all__ = ["AdapterSet", "attach", "adapters", "attached", "state_key", "unwrap_model"]
+__all__ = ["AdapterSet", "attach", "adapters", "attached", "detach_all", "state_key", "unwrap_model"]
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 _serial = itertools.count()
@@ -172,6 +172,7 @@ class AdapterSet:
         example_inputs: Any = None,
         train_modules: Sequence[str] = (),
         sizes: Mapping[str, Mapping[str, Sequence[int]]] | None = None,
+        replace: bool = False,
     ) -> None:
         # Everything here builds new objects only; the model changes in `_attach`.
         if not isinstance(model, nn.Module):
@@ -186,13 +187,15 @@ class AdapterSet:
 
         live_names = {name: other for other in attached(model) for name in other.specs}
         clashes = [name for name in self.specs if name in live_names]
-        if clashes:
+        if clashes and not replace:
             msg = (
                 f"adapter(s) {', '.join(map(repr, clashes))} are already attached to this "
-                f"{type(model).__name__}; detach the adapter set that holds them first "
-                f"(adapter_set.detach(), or hookadapt.attached(model) to find it) or choose other names"
+                f"{type(model).__name__}; pass replace=True to detach the adapter set that holds them "
+                f"first, detach it yourself (hookadapt.attached(model) finds it), or choose other names"
             )
             raise AttachError(msg)
+        # Sets to detach before this one attaches; nothing is detached until everything is built.
+        self._replaces = list({id(live_names[name]): live_names[name] for name in clashes}.values())
 
         modules = candidate_modules(model)
         self.train_modules = self._resolve_train_modules(train_modules, modules)
@@ -334,6 +337,9 @@ class AdapterSet:
 
     def _attach(self, *, train_values: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
         """Register every hook and module, or undo what was done and re-raise."""
+        for other in sorted(self._replaces, key=lambda adapter_set: -adapter_set.serial):
+            other.detach()
+        self._replaces = []
         try:
             for adapter, owner in self._owners.items():
                 _hold(adapter, owner)
@@ -661,6 +667,17 @@ class AdapterSet:
 
         return adapter_set_repr(self)
 
+    def _repr_html_(self) -> str:
+        from .display import adapter_set_html
+
+        return adapter_set_html(self)
+
+    def summary(self) -> dict[str, Any]:
+        """Return parameter totals: adapters, trainable, train modules, the base model and the adapters' share of it."""
+        from .display import adapter_summary
+
+        return adapter_summary(self)
+
 
 def _device_of(host: nn.Module, model: nn.Module) -> torch.device:
     for module in (host, model):
@@ -676,6 +693,7 @@ def attach(
     freeze_base: bool = False,
     example_inputs: Any = None,
     train_modules: Sequence[str] = (),
+    replace: bool = False,
 ) -> AdapterSet:
     """Attach the adapters of ``config`` to ``model`` through forward hooks.
 
@@ -689,6 +707,9 @@ def attach(
             arguments, or a single argument.
         train_modules: Paths of base modules, such as a classifier head, to
             train and save with the adapters; detach restores their values.
+        replace: Detach the adapter sets that already hold any of these
+            adapter names first, as re-running a notebook cell needs. They
+            are detached only after the new set is built and checked.
 
     Returns:
         The attached `AdapterSet`.
@@ -698,7 +719,12 @@ def attach(
             a target that matches nothing or an unknown feature size.
     """
     adapter_set = AdapterSet(
-        model, config, freeze_base=freeze_base, example_inputs=example_inputs, train_modules=train_modules
+        model,
+        config,
+        freeze_base=freeze_base,
+        example_inputs=example_inputs,
+        train_modules=train_modules,
+        replace=replace,
     )
     adapter_set._attach()
     return adapter_set
@@ -711,8 +737,35 @@ def adapters(
     freeze_base: bool = False,
     example_inputs: Any = None,
     train_modules: Sequence[str] = (),
+    replace: bool = False,
 ) -> AdapterSet:
     """Attach like `attach`; use the result in a ``with`` block that detaches on exit."""
     return attach(
-        model, config, freeze_base=freeze_base, example_inputs=example_inputs, train_modules=train_modules
+        model,
+        config,
+        freeze_base=freeze_base,
+        example_inputs=example_inputs,
+        train_modules=train_modules,
+        replace=replace,
     )
+
+
+def detach_all(model: nn.Module) -> int:
+    """Detach every adapter set from ``model``, newest first, and remove any hookadapt hook or module left.
+
+    Returns:
+        The number of adapter sets detached.
+    """
+    model = unwrap_model(model)
+    sets = attached(model)
+    for adapter_set in reversed(sets):
+        adapter_set.detach()
+    # Hooks and holders whose set is no longer listed, for example after an interrupted attach.
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [key for key, hook in hooks.items() if isinstance(getattr(hook, "__self__", None), Site)]:
+                del hooks[key]
+                for extra in (module._forward_pre_hooks_with_kwargs, module._forward_hooks_with_kwargs, module._forward_hooks_always_called):
+                    extra.pop(key, None)
+        module._modules.pop(RESERVED, None)
+    return len(sets)

@@ -178,6 +178,20 @@ class Adapter(nn.Module):
             return
 
 
+# Key of the per-call entry that records the Python frame that called the pre-hook.
+_CALLER = "caller"
+
+
+def _drop_interrupted(stack: list[dict[Any, Any]]) -> None:
+    """Remove per-call entries whose calls are no longer running on this thread."""
+    running = set()
+    current = sys._getframe(2)
+    while current is not None:
+        running.add(id(current))
+        current = current.f_back
+    stack[:] = [frame for frame in stack if id(frame.get(_CALLER)) in running]
+
+
 class Site:
     """The adapters of one adapter set at one host, and the hooks that run them."""
 
@@ -291,7 +305,14 @@ class Site:
         if self.parallel_adapters:
             # Push before computing, so the forward hook, which also runs when this raises, pops it.
             frame: dict[Adapter, torch.Tensor] = {}
-            self._stack().append(frame)
+            stack = self._stack()
+            if stack:
+                _drop_interrupted(stack)
+            # The calling Python frame identifies this call, so a later call can tell an entry left
+            # by an interrupted forward (KeyboardInterrupt skips the forward hook) from a live one.
+            # Holding the frame object keeps its id from being reused while the entry exists.
+            frame[_CALLER] = sys._getframe(1)
+            stack.append(frame)
             for adapter in self.parallel_adapters:
                 if not self._runs(adapter, training):
                     continue
@@ -322,6 +343,8 @@ class Site:
             )
             raise AttachError(msg)
 
+        if frame is not None:
+            frame.pop(_CALLER, None)
         watched = frame.pop(None, None) if frame is not None else None
         if watched is not None and watched[0]._version == watched[1]:
             self.copy_parallel_input = False
