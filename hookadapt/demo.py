@@ -183,6 +183,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def save_curve(losses: Sequence[float], path: Path) -> None:
+    """Save the per-step training loss, with a running mean, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    window = max(1, len(losses) // 20)
+    running = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+    figure, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(losses, alpha=0.3, label="loss per step")
+    ax.plot(running, label=f"running mean over {window} steps")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy + auxiliary loss")
+    ax.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the demo's options to ``parser``."""
     parser.add_argument("--adapter", choices=sorted(ADAPTER_CONFIGS), default="linear", help="adapter kind to train (default: linear)")
@@ -191,6 +212,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate for adapters and head, warmed up over the first 10 %% of steps and decayed linearly to zero (default: 2e-3)")
     parser.add_argument("--output", type=Path, default=Path("demo-output/adapters.safetensors"), help="checkpoint path (default: demo-output/adapters.safetensors)")
     parser.add_argument("--max-steps", type=_positive_int, default=None, help="stop training after this many steps (default: no limit)")
+    parser.add_argument("--curve", type=Path, default=None, help="also save the training loss curve as a PNG here (needs matplotlib)")
     parser.add_argument("--limit", type=_positive_int, default=None, help="use only the first N train and N/4 test snippets, for quick runs")
 
 
@@ -236,6 +258,7 @@ def run(args: argparse.Namespace, *, log: Any = print) -> dict[str, Any]:
         optimizer, lambda index: min((index + 1) / warmup, (total_steps - index) / max(1, total_steps - warmup))
     )
     step = 0
+    losses: list[float] = []
     train_started = time.perf_counter()
     with tqdm(total=total_steps, desc="training", unit="step", file=sys.stdout) as progress:
         while step < total_steps:
@@ -248,7 +271,8 @@ def run(args: argparse.Namespace, *, log: Any = print) -> dict[str, Any]:
                 schedule.step()
                 step += 1
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss.item():.3f}")
+                losses.append(loss.item())
+                progress.set_postfix(loss=f"{losses[-1]:.3f}")
                 if step >= total_steps:
                     break
     train_seconds = time.perf_counter() - train_started
@@ -258,6 +282,10 @@ def run(args: argparse.Namespace, *, log: Any = print) -> dict[str, Any]:
         f"adapters: test accuracy {adapter_accuracy:.1%} ({(adapter_accuracy - probe_accuracy) * 100:+.1f} points "
         f"over the probe) after {step} steps, {train_seconds / max(step, 1):.2f} s/step"
     )
+
+    if getattr(args, "curve", None) is not None:
+        save_curve(losses, args.curve)
+        log(f"saved the training curve to {args.curve}")
 
     # 3. Save, load into a freshly loaded model, and compare the test logits bitwise.
     args.output.parent.mkdir(parents=True, exist_ok=True)
