@@ -14,11 +14,22 @@ import torch
 from torch import nn
 
 from .config import AdapterSpec, parse_config
-from .errors import AttachError, ConfigError, HookadaptError, ShapeError, TargetError
+from .errors import AttachError, ConfigError, HookadaptError, ShapeError
 from .composition import Route, check_members, combine_adapters, merge_adapters, restore_merged
 from .sites import Adapter, Site
 from .sizes import network_sizes, probe_sizes
-from .targets import RESERVED, candidate_modules, compile_pattern, resolve_targets
+from .targets import RESERVED, candidate_modules, resolve_targets
+from .tree import (
+    callable_hosts,
+    device_of,
+    hold,
+    holder_key,
+    parent_path,
+    base_state,
+    network_options_at,
+    state_key,
+    unwrap_model,
+)
 
 __all__ = ["AdapterSet", "attach", "adapters", "attached", "detach_all", "state_key", "unwrap_model"]
 
@@ -30,130 +41,10 @@ _serial = itertools.count()
 _LIVE: weakref.WeakKeyDictionary[nn.Module, list[weakref.ref[AdapterSet]]] = weakref.WeakKeyDictionary()
 
 
-def state_key(kind: str, name: str, path: str, tensor: str) -> str:
-    """Return the checkpoint key of one tensor: ``adapters/NAME/SITE/TENSOR`` or ``modules/PATH/TENSOR``."""
-    if kind == "adapters":
-        return f"adapters/{name}/{path}/{tensor}"
-    return f"modules/{path}/{tensor}"
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Return the module inside ``torch.compile``, ``DistributedDataParallel`` and ``DataParallel`` wrappers.
-
-    Adapters attach to the wrapped module, so site paths and checkpoint keys
-    are the same with and without a wrapper.
-    """
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            # torch.compile's wrapper; matched by name to avoid importing torch._dynamo.
-            model = model._orig_mod
-        else:
-            return model
-
-
 def attached(model: nn.Module) -> list[AdapterSet]:
     """Return the adapter sets attached to ``model``, oldest first."""
     sets = [ref() for ref in _LIVE.get(unwrap_model(model), [])]
     return [adapter_set for adapter_set in sets if adapter_set is not None and adapter_set.is_attached]
-
-
-class AdapterHolder(nn.Module):
-    """The reserved child that keeps a host's adapters in the module tree while attached.
-
-    Unlike `torch.nn.ModuleDict`, it accepts any adapter name as a key, even
-    one that is also a method name such as ``forward`` or ``keys``.
-    """
-
-    def __getitem__(self, key: str) -> nn.Module:
-        return self._modules[key]
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._modules
-
-    def forward(self, *args: Any, **kwargs: Any) -> None:
-        msg = "the hookadapt adapter holder is not callable; the host's hooks run its adapters"
-        raise AttachError(msg)
-
-
-def _holder_key(adapter: Adapter, relative: str) -> str:
-    # Module names may not contain dots, so a path below the owner uses slashes.
-    return adapter.name if not relative else f"{adapter.name}@{relative.replace('.', '/')}"
-
-
-def network_options_at(name: str, spec: AdapterSpec, path: str) -> dict[str, Any]:
-    """Return the network options of adapter ``name`` at site ``path``, with its first matching override."""
-    options = {key: value for key, value in spec.network.options.items() if key not in ("in_features", "out_features")}
-    for pattern, extra in spec.overrides.items():
-        if compile_pattern(pattern, adapter=name, field="overrides").fullmatch(path):
-            options.update(extra)
-            break
-    return options
-
-
-# Containers whose forward is never called, so hooks on them would never run.
-_NOT_CALLED = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
-
-
-def _callable_hosts(name: str, spec: AdapterSpec, paths: list[str], modules: dict[str, nn.Module]) -> list[str]:
-    """Drop never-called containers that a pattern matched; raise for one named exactly or for TorchScript."""
-    kept = []
-    for path in paths:
-        host = modules[path]
-        shown = path or "<root>"
-        if isinstance(host, torch.jit.ScriptModule):
-            msg = (
-                f"adapter {name!r}: target {shown!r} is a TorchScript module, which does not run Python hooks; "
-                f"attach the adapters to the eager module before scripting it"
-            )
-            raise TargetError(msg)
-        if not isinstance(host, _NOT_CALLED):
-            kept.append(path)
-        elif path in spec.target:
-            msg = (
-                f"adapter {name!r}: target {shown!r} is a {type(host).__name__}, which is never called, so its "
-                f"hooks would never run; target its elements instead, for example {shown + '.*'!r}"
-            )
-            raise TargetError(msg)
-    if not kept:
-        msg = (
-            f"adapter {name!r}: target {list(spec.target)!r} matches only containers that are never called "
-            f"({', '.join(repr(path) for path in paths)}); target their elements instead"
-        )
-        raise TargetError(msg)
-    return kept
-
-
-def _hold(adapter: Adapter, owner: tuple[nn.Module, str] | None) -> None:
-    """Register ``adapter`` under the reserved child of its owner, or mark it outside the tree."""
-    if owner is None:
-        adapter.outside_tree = True
-        return
-    module, relative = owner
-    if RESERVED not in module._modules:
-        module.add_module(RESERVED, AdapterHolder())
-    holder = module._modules[RESERVED]
-    key = _holder_key(adapter, relative)
-    if key in holder._modules:
-        msg = (
-            f"adapter {adapter.name!r} at {adapter.path!r}: another adapter set already keeps an adapter "
-            f"named {adapter.name!r} in {type(module).__name__}; adapter names must be unique across every "
-            f"set attached to one model and its submodules, so choose another name"
-        )
-        raise AttachError(msg)
-    holder._modules[key] = adapter
-
-
-def base_state(module: nn.Module, *, keep_vars: bool = False) -> dict[str, torch.Tensor]:
-    """Return ``module.state_dict()`` without the tensors of attached adapters."""
-    return {key: value for key, value in module.state_dict(keep_vars=keep_vars).items() if RESERVED not in key.split(".")}
-
-
-def _parent_path(path: str) -> str | None:
-    if not path:
-        return None
-    return path.rpartition(".")[0]
 
 
 class AdapterSet:
@@ -204,7 +95,7 @@ class AdapterSet:
             for name, spec in self.specs.items()
         }
         for name, paths in list(targets.items()):
-            targets[name] = _callable_hosts(name, self.specs[name], paths, modules)
+            targets[name] = callable_hosts(name, self.specs[name], paths, modules)
 
         probed: dict[tuple[str, str], tuple[int | None, int | None]] = {}
         if example_inputs is not None:
@@ -242,7 +133,7 @@ class AdapterSet:
                 adapter = Adapter(
                     name, path, spec, host, in_size, out_size, options=options, network=self._shared_network(name, path, in_size, out_size)
                 )
-                adapter.to(device=_device_of(host, model))
+                adapter.to(device=device_of(host, model))
                 self.adapters[name][path] = adapter
                 site_adapters.append(adapter)
             if site_adapters:
@@ -330,7 +221,7 @@ class AdapterSet:
             if not isinstance(module, _CONTAINERS):
                 relative = path[len(current):].lstrip(".")
                 return module, relative
-            current = _parent_path(current)
+            current = parent_path(current)
         return None
 
     # Attaching and detaching.
@@ -342,7 +233,7 @@ class AdapterSet:
         self._replaces = []
         try:
             for adapter, owner in self._owners.items():
-                _hold(adapter, owner)
+                hold(adapter, owner)
             self._set_flags()
             self._snapshot_train_modules()
             if train_values:
@@ -396,7 +287,7 @@ class AdapterSet:
             holder = module._modules.get(RESERVED)
             if holder is None:
                 continue
-            key = _holder_key(adapter, relative)
+            key = holder_key(adapter, relative)
             if key in holder._modules and holder._modules[key] is adapter:
                 del holder._modules[key]
             if not holder._modules:
@@ -631,7 +522,7 @@ class AdapterSet:
         for adapter in added.values():
             self._owners[adapter] = self._owner_of(adapter.path, modules)
             if self.is_attached:
-                _hold(adapter, self._owners[adapter])
+                hold(adapter, self._owners[adapter])
         for index, site in enumerate(self.sites):
             if site.path in added:
                 site.remove()
@@ -677,13 +568,6 @@ class AdapterSet:
         from .display import adapter_summary
 
         return adapter_summary(self)
-
-
-def _device_of(host: nn.Module, model: nn.Module) -> torch.device:
-    for module in (host, model):
-        for tensor in itertools.chain(module.parameters(), module.buffers()):
-            return tensor.device
-    return torch.device("cpu")
 
 
 def attach(
