@@ -435,7 +435,7 @@ class AdapterSet:
                 param.requires_grad_(adapter.name in chosen)
 
     def current_route(self) -> Route | None:
-        """The per-sample route of the calling thread's active `route` block, or None."""
+        """Return the per-sample route of the calling thread's active `route` block, or None."""
         return getattr(self._route_state, "route", None)
 
     @contextlib.contextmanager

@@ -495,7 +495,7 @@ def _check_stored_shapes(
     """Reject a file whose metadata describes networks far larger than the tensors it stores.
 
     The networks are built on the meta device, which allocates no memory, so
-    a file whose metadata asks for huge networks fails here instead of
+    a file whose metadata requests huge networks fails here instead of
     exhausting memory.
     """
     needed = 0
@@ -515,11 +515,11 @@ def _check_stored_shapes(
     # A small difference is listed by the full comparison after the build; this guard only
     # stops networks far larger than the tensors the file stores.
     stored_networks = [value for key, value in tensors.items() if key.startswith("adapters/") and "/network." in key]
-    held = sum(value.numel() for value in stored_networks)
-    if needed > 16 * held + 2**24:
+    stored_values = sum(value.numel() for value in stored_networks)
+    if needed > 16 * stored_values + 2**24:
         msg = (
             f"adapter checkpoint {str(stored.path)!r} describes networks of {needed:,} values but stores "
-            f"{held:,}; its sizes or options are inconsistent with its tensors, so nothing was built"
+            f"{stored_values:,}; its sizes or options are inconsistent with its tensors, so nothing was built"
         )
         raise CheckpointError(msg)
 

@@ -1,4 +1,4 @@
-"""Where adapters live in the model: wrappers, hosts, the reserved holder child and checkpoint keys."""
+"""Placement of adapters in the model: wrappers, hosts, the reserved holder child and checkpoint keys."""
 
 from __future__ import annotations
 
