@@ -147,6 +147,9 @@ class AdapterSet:
         # The original parameters of hosts that merged adapters changed, for a bitwise unmerge.
         self._merge_backups: dict[nn.Module, dict[str, torch.Tensor]] = {}
         self._route_state = threading.local()
+        # Number of `route` blocks open on any thread; the hooks skip route look-ups while it is 0.
+        self.open_routes = 0
+        self._route_lock = threading.Lock()
         self._flags: dict[nn.Parameter, bool] = {}
         # Set by load_adapters: the keys that a load skipped (hookadapt.checkpoint.LoadResult).
         self.load_result: Any = None
@@ -156,7 +159,8 @@ class AdapterSet:
         # copy.deepcopy(model) and pickle reach the set through the hooks; the copy then
         # refers to the copied model and is listed as attached to it.
         state = dict(self.__dict__)
-        del state["_route_state"]
+        del state["_route_state"], state["_route_lock"]
+        state["open_routes"] = 0
         state["_model_ref"] = self.model
         return state
 
@@ -165,6 +169,7 @@ class AdapterSet:
         self.__dict__.update(state)
         self._model_ref = weakref.ref(model)
         self._route_state = threading.local()
+        self._route_lock = threading.Lock()
         if self.is_attached:
             live = _LIVE.setdefault(model, [])
             live.append(weakref.ref(self))
@@ -436,6 +441,8 @@ class AdapterSet:
 
     def current_route(self) -> Route | None:
         """Return the per-sample route of the calling thread's active `route` block, or None."""
+        if not self.open_routes:
+            return None
         return getattr(self._route_state, "route", None)
 
     @contextlib.contextmanager
@@ -449,9 +456,13 @@ class AdapterSet:
         """
         previous = self.current_route()
         self._route_state.route = Route(list(assignments), self.names)
+        with self._route_lock:
+            self.open_routes += 1
         try:
             yield self
         finally:
+            with self._route_lock:
+                self.open_routes -= 1
             self._route_state.route = previous
 
     def merge(self, *names: str) -> None:

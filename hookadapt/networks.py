@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .registry import register_network
@@ -94,7 +95,9 @@ class LinearAdapter(nn.Module):
         x = self.up(self.activation(self.down(x)))
         if self.norm_position == "post":
             x = self.norm(x)
-        return self.dropout(x)
+        if self.dropout.p > 0:
+            x = self.dropout(x)
+        return x
 
 
 @register_network("lora")
@@ -121,6 +124,8 @@ class LoRA(nn.Module):
         self.rank = rank
         self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         self.dropout = nn.Dropout(dropout)
+        # Read on every call; cheaper than self.dropout.p through nn.Module.__getattr__.
+        self.uses_dropout = dropout > 0
         self.lora_A = nn.Linear(in_features, rank, bias=False)
         self.lora_B = nn.Linear(rank, out_features, bias=False)
 
@@ -139,7 +144,25 @@ class LoRA(nn.Module):
             raise ValueError(msg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        # The weights are used directly: three submodule calls would cost more than the
+        # two small matrix products on short inputs.
+        if self.uses_dropout:
+            x = self.dropout(x)
+        return F.linear(F.linear(x, self.lora_A.weight), self.lora_B.weight) * self.scaling
+
+    def forward_add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Return ``y + self(x)``, with the scaling and the sum folded into one matrix product.
+
+        ``x`` and ``y`` must have the same shape up to the last dimension.
+        """
+        if self.uses_dropout:
+            x = self.dropout(x)
+        down = F.linear(x, self.lora_A.weight)
+        up = self.lora_B.weight.t()
+        if y.dim() == 2:
+            return torch.addmm(y, down, up, alpha=self.scaling)
+        summed = torch.addmm(y.reshape(-1, y.shape[-1]), down.reshape(-1, self.rank), up, alpha=self.scaling)
+        return summed.view(y.shape)
 
 
 @register_network("scale")

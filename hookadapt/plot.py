@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 __all__ = ["contributions", "plot_contributions"]
 
 
+def _never_fused(x: torch.Tensor, y: torch.Tensor) -> None:
+    return None
+
+
 @torch.no_grad()
 def contributions(adapter_set: AdapterSet, *args: Any, **kwargs: Any) -> dict[tuple[str, str], float]:
     """Run ``adapter_set.model(*args, **kwargs)`` and return each adapter's relative change per site.
@@ -43,13 +47,15 @@ def contributions(adapter_set: AdapterSet, *args: Any, **kwargs: Any) -> dict[tu
 
     try:
         for adapter in adapter_set.all_adapters():
-            # An instance attribute shadows the method for this call only.
+            # Instance attributes shadow the methods for this call only. Turning off the
+            # fused LoRA step sends every adapter through compose, where it is measured.
             adapter.compose = measuring(adapter)
+            adapter.add_to = _never_fused
             patched.append(adapter)
         adapter_set.model(*args, **kwargs)
     finally:
         for adapter in patched:
-            del adapter.compose
+            del adapter.compose, adapter.add_to
     return measured
 
 

@@ -82,6 +82,8 @@ class InputSelector:
         raise self._fail(args, kwargs, f"a tensor as {what}")
 
     def get(self, args: tuple, kwargs: dict) -> torch.Tensor:
+        if self.select is None and args and type(args[0]) is torch.Tensor:
+            return args[0]
         is_keyword, key = self.locate(args, kwargs)
         return kwargs[key] if is_keyword else args[key]
 
@@ -141,10 +143,14 @@ class OutputSelector:
         raise self._fail(output, "a tensor, tuple, list, dict or ModelOutput")
 
     def get(self, output: Any) -> torch.Tensor:
+        if self.select is None and type(output) is torch.Tensor:
+            return output
         key = self._key(output)
         return output if key is None else output[key]
 
     def replace(self, output: Any, value: torch.Tensor) -> Any:
+        if self.select is None and type(output) is torch.Tensor:
+            return value
         key = self._key(output)
         if key is None:
             return value

@@ -20,6 +20,7 @@ from .config import DTYPES, AdapterSpec
 from .errors import AttachError, SelectionError, ShapeError
 from .registry import NETWORKS, STRATEGIES
 from .selection import InputSelector, OutputSelector
+from .strategies import ResidualAdd
 
 __all__ = ["Adapter", "Site"]
 
@@ -49,7 +50,10 @@ class Adapter(nn.Module):
         self.out_features = out_features
         self.feature_dim = spec.feature_dim
         self.dtype = DTYPES[spec.dtype]
-        self.enabled = True
+        # The site whose hooks run this adapter; it recomputes its plan when a flag changes.
+        self._site: Site | None = None
+        self._enabled = True
+        self._merged = False
         # True when no module of the model can hold the adapter, so `model.to()` does not move it.
         self.outside_tree = False
 
@@ -62,13 +66,60 @@ class Adapter(nn.Module):
         self.network.to(dtype=self.dtype)
         # The strategy receives host tensors, whose features match the network's output.
         self.strategy = STRATEGIES.get(spec.strategy.kind)(out_features, **spec.strategy.options).to(dtype=self.dtype)
-        # Set by AdapterSet.merge while the network is folded into the host's weights.
-        self.merged = False
+        # Residual LoRA-like pairs may add the network's output to the host's in one kernel.
+        self.fusable = (
+            callable(getattr(self.network, "forward_add", None))
+            and type(self.strategy) is ResidualAdd
+            and spec.feature_dim == -1
+        )
         self.input_selector = InputSelector(host, spec.input_select, site=path, adapter=name)
         self.output_selector = OutputSelector(spec.output_select, site=path, adapter=name)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, site={self.path!r}, insertion={self.insertion!r}"
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the adapter runs; its site's hooks skip it while False."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = bool(value)
+        self._refresh_site()
+
+    @property
+    def merged(self) -> bool:
+        """Whether AdapterSet.merge has folded the network into the host's weights, so the hooks skip it."""
+        return self._merged
+
+    @merged.setter
+    def merged(self, value: bool) -> None:
+        self._merged = bool(value)
+        self._refresh_site()
+
+    def _refresh_site(self) -> None:
+        site = self.__dict__.get("_site")
+        if site is not None:
+            site.refresh()
+
+    def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """Return ``y + network(x)`` in one fused step, or None when this call must take the general path.
+
+        The fused step applies only to a ``residual_add`` strategy that does
+        nothing but add: in eval mode, or in training without stochastic
+        depth or an L2 loss. Both tensors must already have the adapter's
+        dtype and device and matching batch shapes.
+        """
+        strategy = self.strategy
+        if strategy.training and (strategy.stochastic_depth > 0 or strategy.l2_lambda > 0):
+            return None
+        dtype = self.dtype
+        if x.dtype != dtype or y.dtype != dtype or self.outside_tree or x.dim() == 0:
+            return None
+        if x.shape[-1] != self.in_features or y.shape[-1] != self.out_features or x.shape[:-1] != y.shape[:-1]:
+            return None
+        return self.network.forward_add(x, y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the adapter to ``x`` as output or input insertion does."""
@@ -181,6 +232,42 @@ class Adapter(nn.Module):
 # Key of the per-call entry that records the Python frame that called the pre-hook.
 _CALLER = "caller"
 
+# Built-in layers whose forward reads its input and never changes it in place. At such
+# a host a parallel network reads the same input tensor in the forward hook, after the
+# host ran, so the site needs no pre-hook and no per-call state.
+_INPUT_PRESERVING_FORWARDS = frozenset(
+    cls.forward
+    for cls in (
+        nn.Linear,
+        nn.Bilinear,
+        nn.Conv1d,
+        nn.Conv2d,
+        nn.Conv3d,
+        nn.ConvTranspose1d,
+        nn.ConvTranspose2d,
+        nn.ConvTranspose3d,
+        nn.Embedding,
+        nn.LayerNorm,
+        nn.GroupNorm,
+        nn.RMSNorm,
+    )
+)
+
+
+def preserves_input(host: nn.Module) -> bool:
+    """Return True when the host's forward is a built-in one known to leave its input unchanged."""
+    return "forward" not in host.__dict__ and type(host).forward in _INPUT_PRESERVING_FORWARDS
+
+
+def _forget_compiled_code() -> None:
+    # torch.compile does not guard on module hooks by default
+    # (torch._dynamo.config.skip_nnmodule_hook_guards), so a compiled model would keep
+    # running a graph traced before hooks changed. Clearing the caches makes every
+    # compiled model trace again on its next call.
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.reset()
+
 
 def _drop_interrupted(stack: list[dict[Any, Any]]) -> None:
     """Remove per-call entries whose calls are no longer running on this thread."""
@@ -192,8 +279,66 @@ def _drop_interrupted(stack: list[dict[Any, Any]]) -> None:
     stack[:] = [frame for frame in stack if id(frame.get(_CALLER)) in running]
 
 
+class _Hook:
+    """One registered hook of a site, which the site takes out of its host while it has nothing to run.
+
+    A parked hook leaves the host's hook dicts, so the host runs as if it had
+    none. Unparking puts the same entry back at its old place among the
+    host's other hooks, so the order in which nested adapter sets compose is
+    kept.
+    """
+
+    def __init__(self, handle: RemovableHandle) -> None:
+        self.handle = handle
+        # (hook function, ids of the hooks before it, extra dicts that listed its id) while parked.
+        self.parked: tuple[Any, set[int], list[dict[int, Any]]] | None = None
+
+    def park(self) -> None:
+        hooks = self.handle.hooks_dict_ref()
+        key = self.handle.id
+        if self.parked is not None or hooks is None or key not in hooks:
+            return
+        keys = list(hooks)
+        before = set(keys[: keys.index(key)])
+        # NOTE: RemovableHandle.extra_dict_ref is how torch links the with_kwargs and
+        # always_call flags to a hook id; there is no public API to suspend a hook.
+        extras = [extra for extra in (ref() for ref in self.handle.extra_dict_ref) if extra is not None and key in extra]
+        self.parked = (hooks.pop(key), before, extras)
+        for extra in extras:
+            extra.pop(key)
+
+    def unpark(self) -> None:
+        hooks = self.handle.hooks_dict_ref()
+        if self.parked is None or hooks is None:
+            self.parked = None
+            return
+        function, before, extras = self.parked
+        self.parked = None
+        items = list(hooks.items())
+        position = 0
+        for index, (key, _) in enumerate(items):
+            if key in before:
+                position = index + 1
+        items.insert(position, (self.handle.id, function))
+        hooks.clear()
+        hooks.update(items)
+        for extra in extras:
+            extra[self.handle.id] = True
+
+    def remove(self) -> None:
+        self.parked = None
+        self.handle.remove()
+
+
 class Site:
-    """The adapters of one adapter set at one host, and the hooks that run them."""
+    """The adapters of one adapter set at one host, and the hooks that run them.
+
+    Everything that does not change between calls is worked out in
+    `refresh`, which runs when the site is registered and whenever one of
+    its adapters is enabled, disabled, merged or unmerged: which adapters
+    run before the host, which after it, and whether each hook is needed at
+    all. A hook with nothing to run is taken out of the host.
+    """
 
     def __init__(self, path: str, host: nn.Module, adapters: list[Adapter], owner: Any = None) -> None:
         self.path = path
@@ -215,14 +360,25 @@ class Site:
         self.input_steps = [adapter for adapter in steps if adapter.insertion == "input"]
         self.output_steps = [adapter for adapter in steps if adapter.insertion != "input"]
         self.parallel_adapters = [adapter for adapter in adapters if adapter.insertion == "parallel"]
-        self.handles: list[RemovableHandle] = []
+        # At a host that never changes its input, parallel networks run in the forward hook.
+        self.parallel_in_forward_hook = preserves_input(host)
+        self.pre_hook: _Hook | None = None
+        self.forward_hook: _Hook | None = None
+        # The adapters that run now, in order; set by refresh.
+        self.active_inputs: list[Adapter] = []
+        self.active_parallel: list[Adapter] = []
+        self.active_outputs: list[Adapter] = []
+        # The adapter when the only one that runs is a fusable parallel one: the common LoRA case.
+        self.single_fused: Adapter | None = None
         # Until a call shows that the host leaves its input alone, parallel networks read a copy
         # when autograd records, because a host that changes its input in place would corrupt
         # the tensors saved for backward.
-        self.copy_parallel_input = True
+        self.copy_parallel_input = not self.parallel_in_forward_hook
         # Parallel results wait here between the pre-hook and the forward hook of one call.
         # A stack per thread keeps re-entrant calls and concurrent threads apart.
         self._local = threading.local()
+        for adapter in adapters:
+            adapter._site = self
 
     def __getstate__(self) -> dict[str, Any]:
         # Per-call state belongs to running forwards, so copies and pickles start without it.
@@ -234,19 +390,60 @@ class Site:
         self.__dict__.update(state)
         self._local = threading.local()
 
+    @property
+    def handles(self) -> list[RemovableHandle]:
+        """The handles of this site's registered hooks, parked or not."""
+        return [hook.handle for hook in (self.pre_hook, self.forward_hook) if hook is not None]
+
     def register(self) -> None:
-        """Register this site's hooks on its host."""
-        if self.input_steps or self.parallel_adapters:
-            self.handles.append(self.host.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        """Register this site's hooks on its host, then park those with nothing to run."""
+        early_parallel = self.parallel_adapters and not self.parallel_in_forward_hook
+        if self.input_steps or early_parallel:
+            handle = self.host.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+            self.pre_hook = _Hook(handle)
         if self.output_steps:
-            self.handles.append(
-                self.host.register_forward_hook(self._forward_hook, with_kwargs=True, always_call=True)
-            )
+            # The forward hook must also run when the host raises, to pop the pre-hook's per-call entry.
+            handle = self.host.register_forward_hook(self._forward_hook, with_kwargs=True, always_call=bool(early_parallel))
+            self.forward_hook = _Hook(handle)
+        self.refresh(forget_compiled=False)
+        _forget_compiled_code()
 
     def remove(self) -> None:
         """Remove this site's hooks from its host."""
-        while self.handles:
-            self.handles.pop().remove()
+        for hook in (self.pre_hook, self.forward_hook):
+            if hook is not None:
+                hook.remove()
+        self.pre_hook = self.forward_hook = None
+        _forget_compiled_code()
+
+    def refresh(self, *, forget_compiled: bool = True) -> None:
+        """Recompute which adapters run and park the hooks that have none."""
+        runs = {adapter for adapter in self.adapters if adapter.enabled and not adapter.merged}
+        self.active_inputs = [adapter for adapter in self.input_steps if adapter in runs]
+        self.active_outputs = [adapter for adapter in self.output_steps if adapter in runs]
+        self.active_parallel = [
+            adapter
+            for adapter in self.parallel_adapters
+            if adapter in runs and self.meta_of.get(adapter, adapter) in runs
+        ]
+        early_parallel = self.active_parallel and not self.parallel_in_forward_hook
+        only = self.active_outputs[0] if len(self.active_outputs) == 1 and not self.active_inputs else None
+        fast = only is not None and only.fusable and only.insertion == "parallel" and only not in self.members
+        self.single_fused = only if fast and self.parallel_in_forward_hook else None
+        changed = self._set_parked(self.pre_hook, not (self.active_inputs or early_parallel))
+        changed = self._set_parked(self.forward_hook, not self.active_outputs) or changed
+        if changed and forget_compiled:
+            _forget_compiled_code()
+
+    @staticmethod
+    def _set_parked(hook: _Hook | None, park: bool) -> bool:
+        if hook is None or (hook.parked is not None) == park:
+            return False
+        if park:
+            hook.park()
+        else:
+            hook.unpark()
+        return True
 
     def _stack(self) -> list[dict[Adapter, torch.Tensor]]:
         try:
@@ -255,9 +452,12 @@ class Site:
             self._local.stack = []
             return self._local.stack
 
+    def _routing(self) -> bool:
+        return self.owner is not None and self.owner.open_routes > 0
+
     def _samples(self, adapter: Adapter, tensor: torch.Tensor) -> torch.Tensor | None:
         """Return the batch indices routed to ``adapter``, or None when every sample is."""
-        route = self.owner.current_route() if self.owner is not None else None
+        route = self.owner.current_route() if self._routing() else None
         if route is None:
             return None
         return route.indices(adapter.name, tensor, site=self.path)
@@ -284,27 +484,39 @@ class Site:
                 results[member.name] = member.compose(y, out)
         return adapter.compose(y, results)
 
+    def _run_parallel(self, adapters: list[Adapter], args: tuple, kwargs: dict, frame: dict[Any, Any]) -> None:
+        """Run the parallel networks on the host's input and store their outputs in ``frame``."""
+        for adapter in adapters:
+            x = adapter.input_selector.get(args, kwargs)
+            if self.copy_parallel_input and torch.is_grad_enabled():
+                frame[None] = (x, x._version)
+                network_input = x.clone()
+            else:
+                network_input = x
+            samples = self._samples(self.meta_of.get(adapter, adapter), network_input)
+            if samples is not None:
+                network_input = network_input.index_select(0, samples)
+            frame[adapter] = adapter.run_network(network_input)
+
     @staticmethod
-    def _runs(adapter: Adapter, training: bool) -> bool:
-        if not adapter.enabled or adapter.merged:
-            return False
-        if adapter.training != training:
-            adapter.train(training)
-        return True
+    def _sync_mode(adapters: list[Adapter], training: bool) -> None:
+        for adapter in adapters:
+            if adapter.training != training:
+                adapter.train(training)
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         training = module.training
         changed = False
-        for adapter in self.input_steps:
-            if not self._runs(adapter, training):
-                continue
+        for adapter in self.active_inputs:
+            if adapter.training != training:
+                adapter.train(training)
             x = adapter.input_selector.get(args, kwargs)
             args, kwargs = adapter.input_selector.replace(args, kwargs, self._apply(adapter, x, None))
             changed = True
 
-        if self.parallel_adapters:
+        if self.active_parallel and not self.parallel_in_forward_hook:
             # Push before computing, so the forward hook, which also runs when this raises, pops it.
-            frame: dict[Adapter, torch.Tensor] = {}
+            frame: dict[Any, Any] = {}
             stack = self._stack()
             if stack:
                 _drop_interrupted(stack)
@@ -313,48 +525,72 @@ class Site:
             # Holding the frame object keeps its id from being reused while the entry exists.
             frame[_CALLER] = sys._getframe(1)
             stack.append(frame)
-            for adapter in self.parallel_adapters:
-                if not self._runs(adapter, training):
-                    continue
-                x = adapter.input_selector.get(args, kwargs)
-                if self.copy_parallel_input and torch.is_grad_enabled():
-                    frame[None] = (x, x._version)
-                    network_input = x.clone()
-                else:
-                    network_input = x
-                samples = self._samples(self.meta_of.get(adapter, adapter), network_input)
-                if samples is not None:
-                    network_input = network_input.index_select(0, samples)
-                frame[adapter] = adapter.run_network(network_input)
+            self._sync_mode(self.active_parallel, training)
+            self._run_parallel(self.active_parallel, args, kwargs, frame)
         return (args, kwargs) if changed else None
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        frame = None
-        if self.parallel_adapters:
-            stack = self._stack()
-            frame = stack.pop() if stack else None
+        adapter = self.single_fused
+        if adapter is not None and type(output) is torch.Tensor and not self._routing():
+            # The LoRA-on-Linear case, kept to a few checks and two kernels per call.
+            if adapter.training != module.training:
+                adapter.train(module.training)
+            fused = adapter.add_to(adapter.input_selector.get(args, kwargs), output)
+            if fused is not None:
+                return fused
+        if not self.parallel_in_forward_hook and self.parallel_adapters:
+            return self._compose_stacked(module, args, kwargs, output)
+        training = module.training
+        for adapter in self.active_outputs:
+            if adapter.training != training:
+                adapter.train(training)
+            y = adapter.output_selector.get(output)
+            if adapter.insertion == "parallel":
+                result = self._apply_parallel(adapter, y, args, kwargs, training)
+            else:
+                result = self._apply(adapter, y, None)
+            output = adapter.output_selector.replace(output, result)
+        return output
+
+    def _apply_parallel(self, adapter: Adapter, y: torch.Tensor, args: tuple, kwargs: dict, training: bool) -> torch.Tensor:
+        """Adapt ``y`` with a parallel adapter whose network reads the host input from ``args``."""
+        members = self.members.get(adapter, ())
+        if adapter.fusable and not members and not self._routing():
+            fused = adapter.add_to(adapter.input_selector.get(args, kwargs), y)
+            if fused is not None:
+                return fused
+        frame: dict[Any, Any] = {}
+        parallel = [adapter, *(member for member in members if member in self.active_parallel)]
+        self._sync_mode(parallel, training)
+        self._run_parallel(parallel, args, kwargs, frame)
+        return self._apply(adapter, y, frame)
+
+    def _compose_stacked(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """Finish a call whose parallel networks ran in the pre-hook."""
+        stack = self._stack()
+        frame = stack.pop() if stack else None
         if output is None and sys.exc_info()[0] is not None:
             # The host or an earlier hook raised; this call only clears the per-call state.
             return None
-        if frame is None and self.parallel_adapters:
+        if frame is None and self.active_parallel:
             msg = (
                 f"adapters at {self.path!r}: the forward hook ran without the pre-hook that computes "
                 f"the parallel branch; attach adapters outside the host's forward call"
             )
             raise AttachError(msg)
-
-        if frame is not None:
-            frame.pop(_CALLER, None)
-        watched = frame.pop(None, None) if frame is not None else None
+        if frame is None:
+            frame = {}
+        frame.pop(_CALLER, None)
+        watched = frame.pop(None, None)
         if watched is not None and watched[0]._version == watched[1]:
             self.copy_parallel_input = False
 
         training = module.training
-        for adapter in self.output_steps:
+        for adapter in self.active_outputs:
             if adapter.insertion == "parallel" and adapter not in frame:
                 continue
-            if not self._runs(adapter, training):
-                continue
+            if adapter.training != training:
+                adapter.train(training)
             y = adapter.output_selector.get(output)
             output = adapter.output_selector.replace(output, self._apply(adapter, y, frame))
         return output
