@@ -150,6 +150,8 @@ class AdapterSet:
         # Number of `route` blocks open on any thread; the hooks skip route look-ups while it is 0.
         self.open_routes = 0
         self._route_lock = threading.Lock()
+        # Tokens of checkpointed forwards that backward has yet to recompute (hookadapt.recompute).
+        self.pending_recompute: weakref.WeakSet[Any] = weakref.WeakSet()
         self._flags: dict[nn.Parameter, bool] = {}
         # Set by load_adapters: the keys that a load skipped (hookadapt.checkpoint.LoadResult).
         self.load_result: Any = None
@@ -159,7 +161,7 @@ class AdapterSet:
         # copy.deepcopy(model) and pickle reach the set through the hooks; the copy then
         # refers to the copied model and is listed as attached to it.
         state = dict(self.__dict__)
-        del state["_route_state"], state["_route_lock"]
+        del state["_route_state"], state["_route_lock"], state["pending_recompute"]
         state["open_routes"] = 0
         state["_model_ref"] = self.model
         return state
@@ -170,6 +172,7 @@ class AdapterSet:
         self._model_ref = weakref.ref(model)
         self._route_state = threading.local()
         self._route_lock = threading.Lock()
+        self.pending_recompute = weakref.WeakSet()
         if self.is_attached:
             live = _LIVE.setdefault(model, [])
             live.append(weakref.ref(self))
@@ -318,10 +321,23 @@ class AdapterSet:
 
         Raises:
             AttachError: when an adapter set attached later to the same model
-                is still attached; detach that one first.
+                is still attached; detach that one first. Also when a forward
+                under gradient checkpointing still waits for backward, which
+                would recompute it without the adapters.
         """
+        self._detach(check_recompute=True)
+
+    def _detach(self, *, check_recompute: bool) -> None:
         if not self.is_attached:
             return
+        if check_recompute and len(self.pending_recompute):
+            msg = (
+                f"cannot detach adapters {', '.join(map(repr, self.specs))}: {len(self.pending_recompute)} "
+                f"forward(s) under torch.utils.checkpoint still wait for backward(), which would recompute "
+                f"them without the adapters and give wrong gradients; call backward() before detaching "
+                f"(inside the `with` block), or delete the outputs and the loss to drop those forwards"
+            )
+            raise AttachError(msg)
         later = [other for other in attached(self.model) if other.serial > self.serial]
         if later:
             names = ", ".join(repr(name) for other in later for name in other.specs)
@@ -337,8 +353,9 @@ class AdapterSet:
     def __enter__(self) -> AdapterSet:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.detach()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        # While an exception propagates, detach anyway rather than hide it behind another error.
+        self._detach(check_recompute=exc_type is None)
 
     # Inspection and parameters.
 

@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .config import DTYPES, AdapterSpec
 from .errors import AttachError, SelectionError, ShapeError
+from .recompute import checkpoint_call
 from .registry import NETWORKS, STRATEGIES
 from .selection import InputSelector, OutputSelector
 from .strategies import ResidualAdd
@@ -504,8 +505,21 @@ class Site:
             if adapter.training != training:
                 adapter.train(training)
 
+    def _track_checkpoint(self) -> None:
+        """Record a forward that gradient checkpointing will recompute, or clear it when this is the recomputation."""
+        found = checkpoint_call(self.path)
+        if found is None or self.owner is None:
+            return
+        token, recomputing = found
+        if recomputing:
+            self.owner.pending_recompute.discard(token)
+        else:
+            self.owner.pending_recompute.add(token)
+
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         training = module.training
+        if training and not self.active_outputs:
+            self._track_checkpoint()
         changed = False
         for adapter in self.active_inputs:
             if adapter.training != training:
@@ -530,6 +544,8 @@ class Site:
         return (args, kwargs) if changed else None
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if module.training:
+            self._track_checkpoint()
         adapter = self.single_fused
         if adapter is not None and type(output) is torch.Tensor and not self._routing():
             # The LoRA-on-Linear case, kept to a few checks and two kernels per call.
