@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 
 from .config import AdapterSpec
@@ -66,6 +68,39 @@ class AdapterHolder(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> None:
         msg = "the hookadapt adapter holder is not callable; the host's hooks run its adapters"
         raise AttachError(msg)
+
+    def named_children(self) -> Iterator[tuple[str, nn.Module]]:
+        # torch.fx.symbolic_trace records torch.nn layers as opaque calls without running their
+        # hooks, so a traced graph would silently lack the adapters. The tracer walks every
+        # module's children before it starts, which is the one place hookadapt can stop it.
+        if _fx_symbolic_tracing():
+            msg = (
+                f"torch.fx.symbolic_trace cannot trace attached adapters ({', '.join(map(repr, self._modules))}): "
+                f"fx does not run module hooks, so the graph would leave them out. Merge LoRA and IA3 "
+                f"adapters into the weights first (adapter_set.merge_and_detach()), or trace with "
+                f"torch.compile or torch.jit.trace, which run the hooks"
+            )
+            raise AttachError(msg)
+        return super().named_children()
+
+    def __prepare_scriptable__(self) -> AdapterHolder:
+        # torch.jit.script calls this on every submodule before compiling; the hooks that run the
+        # adapters are Python methods that TorchScript cannot compile.
+        msg = (
+            f"torch.jit.script cannot compile attached adapters ({', '.join(map(repr, self._modules))}): "
+            f"the hooks that run them are Python code. Use torch.jit.trace or torch.compile, which "
+            f"run the hooks, or merge LoRA and IA3 adapters into the weights first "
+            f"(adapter_set.merge_and_detach())"
+        )
+        raise AttachError(msg)
+
+
+def _fx_symbolic_tracing() -> bool:
+    # is_fx_symbolic_tracing (torch 2.6 and later) excludes torch.export, which runs the hooks.
+    check = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None)
+    if check is None:
+        return torch.fx._symbolic_trace.is_fx_tracing()
+    return check()
 
 
 def holder_key(adapter: Adapter, relative: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -241,3 +242,42 @@ class TestFusedLoRA:
         fused = model(x)
         torch.manual_seed(7)
         torch.testing.assert_close(fused, unfused_reference(adapter_set, x))
+
+
+class TestTracers:
+    def test_fx_trace_raises(self) -> None:
+        model = toy()
+        hookadapt.attach(model, {"a": lora("0")})
+        with pytest.raises(hookadapt.AttachError, match="symbolic_trace cannot trace"):
+            torch.fx.symbolic_trace(model)
+
+    def test_fx_after_detach_traces(self) -> None:
+        model = toy()
+        hookadapt.attach(model, {"a": lora("0")}).detach()
+        x = torch.randn(2, 6)
+        assert torch.equal(torch.fx.symbolic_trace(model)(x), model(x))
+
+    def test_jit_script_raises(self) -> None:
+        model = toy()
+        hookadapt.attach(model, {"a": lora("0")})
+        with pytest.raises(hookadapt.AttachError, match="jit.script cannot compile"):
+            torch.jit.script(model)
+
+    def test_jit_trace_includes_adapters(self) -> None:
+        model = toy()
+        adapter_set = hookadapt.attach(model, {"a": lora("0"), "b": bottleneck("2")})
+        randomize(adapter_set)
+        x = torch.randn(2, 6)
+        with warnings.catch_warnings():
+            # The shape checks become constants in the trace, which torch reports.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            traced = torch.jit.trace(model, x)
+        assert torch.equal(traced(x), model(x))
+
+    def test_export_includes_adapters(self) -> None:
+        model = toy()
+        adapter_set = hookadapt.attach(model, {"a": lora("0"), "b": bottleneck("2")})
+        randomize(adapter_set)
+        x = torch.randn(2, 6)
+        exported = torch.export.export(model, (x,))
+        torch.testing.assert_close(exported.module()(x), model(x))
