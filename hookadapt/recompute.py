@@ -69,8 +69,12 @@ def checkpoint_call(path: str) -> tuple[Any, bool] | None:
 
     ``token`` stays alive while backward may still recompute the call;
     ``recomputing`` is True when this call is the recomputation. Returns
-    None outside a checkpoint.
+    None outside a checkpoint, and while torch.compile traces the call.
     """
+    if torch.compiler.is_compiling():
+        # NOTE: inside a compiled region the check is skipped, because dynamo cannot trace
+        # the autograd internals it reads.
+        return None
     if torch.is_grad_enabled():
         found = _hook_frame()
         if found is not None:

@@ -376,8 +376,10 @@ class Site:
         # the tensors saved for backward.
         self.copy_parallel_input = not self.parallel_in_forward_hook
         # Parallel results wait here between the pre-hook and the forward hook of one call.
-        # A stack per thread keeps re-entrant calls and concurrent threads apart.
+        # A stack per thread keeps re-entrant calls and concurrent threads apart. Inside
+        # torch.compile, which cannot trace thread-local storage, a plain list serves instead.
         self._local = threading.local()
+        self._compiled_stack: list[dict[Any, Any]] = []
         for adapter in adapters:
             adapter._site = self
 
@@ -385,6 +387,7 @@ class Site:
         # Per-call state belongs to running forwards, so copies and pickles start without it.
         state = dict(self.__dict__)
         del state["_local"]
+        state["_compiled_stack"] = []
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -431,22 +434,24 @@ class Site:
         only = self.active_outputs[0] if len(self.active_outputs) == 1 and not self.active_inputs else None
         fast = only is not None and only.fusable and only.insertion == "parallel" and only not in self.members
         self.single_fused = only if fast and self.parallel_in_forward_hook else None
-        changed = self._set_parked(self.pre_hook, not (self.active_inputs or early_parallel))
-        changed = self._set_parked(self.forward_hook, not self.active_outputs) or changed
-        if changed and forget_compiled:
+        self._set_parked(self.pre_hook, not (self.active_inputs or early_parallel))
+        self._set_parked(self.forward_hook, not self.active_outputs)
+        # Compiled graphs may have inlined the old plan, parked or not.
+        if forget_compiled:
             _forget_compiled_code()
 
     @staticmethod
-    def _set_parked(hook: _Hook | None, park: bool) -> bool:
+    def _set_parked(hook: _Hook | None, park: bool) -> None:
         if hook is None or (hook.parked is not None) == park:
-            return False
+            return
         if park:
             hook.park()
         else:
             hook.unpark()
-        return True
 
     def _stack(self) -> list[dict[Adapter, torch.Tensor]]:
+        if torch.compiler.is_compiling():
+            return self._compiled_stack
         try:
             return self._local.stack
         except AttributeError:
@@ -490,7 +495,8 @@ class Site:
         for adapter in adapters:
             x = adapter.input_selector.get(args, kwargs)
             if self.copy_parallel_input and torch.is_grad_enabled():
-                frame[None] = (x, x._version)
+                if not torch.compiler.is_compiling():
+                    frame[None] = (x, x._version)
                 network_input = x.clone()
             else:
                 network_input = x
@@ -532,12 +538,13 @@ class Site:
             # Push before computing, so the forward hook, which also runs when this raises, pops it.
             frame: dict[Any, Any] = {}
             stack = self._stack()
-            if stack:
-                _drop_interrupted(stack)
-            # The calling Python frame identifies this call, so a later call can tell an entry left
-            # by an interrupted forward (KeyboardInterrupt skips the forward hook) from a live one.
-            # Holding the frame object keeps its id from being reused while the entry exists.
-            frame[_CALLER] = sys._getframe(1)
+            if not torch.compiler.is_compiling():
+                if stack:
+                    _drop_interrupted(stack)
+                # The calling Python frame identifies this call, so a later call can tell an entry left
+                # by an interrupted forward (KeyboardInterrupt skips the forward hook) from a live one.
+                # Holding the frame object keeps its id from being reused while the entry exists.
+                frame[_CALLER] = sys._getframe(1)
             stack.append(frame)
             self._sync_mode(self.active_parallel, training)
             self._run_parallel(self.active_parallel, args, kwargs, frame)
@@ -585,7 +592,7 @@ class Site:
         """Finish a call whose parallel networks ran in the pre-hook."""
         stack = self._stack()
         frame = stack.pop() if stack else None
-        if output is None and sys.exc_info()[0] is not None:
+        if output is None and not torch.compiler.is_compiling() and sys.exc_info()[0] is not None:
             # The host or an earlier hook raised; this call only clears the per-call state.
             return None
         if frame is None and self.active_parallel:

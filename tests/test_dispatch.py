@@ -281,3 +281,46 @@ class TestTracers:
         x = torch.randn(2, 6)
         exported = torch.export.export(model, (x,))
         torch.testing.assert_close(exported.module()(x), model(x))
+
+
+class Block(nn.Module):
+    """A host whose forward is not a built-in one, so parallel networks run in the pre-hook."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.inner(x))
+
+
+class TestCompiled:
+    def test_attach_after_compile_seen(self) -> None:
+        model = toy()
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        x = torch.randn(2, 6)
+        compiled(x)
+        adapter_set = hookadapt.attach(model, {"a": lora("0"), "b": bottleneck("2")})
+        randomize(adapter_set)
+        torch.testing.assert_close(compiled(x), model(x))
+        adapter_set.disable("a")
+        torch.testing.assert_close(compiled(x), model(x))
+        adapter_set.detach()
+        torch.testing.assert_close(compiled(x), model(x))
+
+    @pytest.mark.parametrize("mode", ["train", "eval"])
+    def test_pre_hook_path_fullgraph(self, mode: str) -> None:
+        torch.manual_seed(0)
+        model = nn.Sequential(Block(), Block())
+        size = {"in_features": 6, "out_features": 6}
+        config = {
+            "a": {**lora("0"), "network": {"kind": "lora", "rank": 2, **size}},
+            "b": {"target": "1", "network": {"kind": "linear", "dim": 2, **size}, "insertion": "input"},
+        }
+        adapter_set = hookadapt.attach(model, config)
+        randomize(adapter_set)
+        getattr(model, mode)()
+        x = torch.randn(2, 6)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x), model(x))
+        assert adapter_set.sites[0]._compiled_stack == []
