@@ -157,8 +157,9 @@ class LoRA(nn.Module):
         """
         if self.uses_dropout:
             x = self.dropout(x)
-        down = F.linear(x, self.lora_A.weight)
-        up = self.lora_B.weight.t()
+        modules = self._modules
+        down = F.linear(x, modules["lora_A"].weight)
+        up = modules["lora_B"].weight.t()
         if y.dim() == 2:
             return torch.addmm(y, down, up, alpha=self.scaling)
         summed = torch.addmm(y.reshape(-1, y.shape[-1]), down.reshape(-1, self.rank), up, alpha=self.scaling)

@@ -73,6 +73,7 @@ class Adapter(nn.Module):
             and type(self.strategy) is ResidualAdd
             and spec.feature_dim == -1
         )
+        self._fused_parts = (self.network, self.strategy)
         self.input_selector = InputSelector(host, spec.input_select, site=path, adapter=name)
         self.output_selector = OutputSelector(spec.output_select, site=path, adapter=name)
 
@@ -112,15 +113,17 @@ class Adapter(nn.Module):
         depth or an L2 loss. Both tensors must already have the adapter's
         dtype and device and matching batch shapes.
         """
-        strategy = self.strategy
+        # Plain references skip nn.Module.__getattr__, which costs more than the checks here.
+        network, strategy = self._fused_parts
         if strategy.training and (strategy.stochastic_depth > 0 or strategy.l2_lambda > 0):
             return None
         dtype = self.dtype
-        if x.dtype != dtype or y.dtype != dtype or self.outside_tree or x.dim() == 0:
+        if x.dtype != dtype or y.dtype != dtype or self.outside_tree:
             return None
-        if x.shape[-1] != self.in_features or y.shape[-1] != self.out_features or x.shape[:-1] != y.shape[:-1]:
+        shape = x.shape
+        if not shape or shape[-1] != self.in_features or y.shape[-1] != self.out_features or shape[:-1] != y.shape[:-1]:
             return None
-        return self.network.forward_add(x, y)
+        return network.forward_add(x, y)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the adapter to ``x`` as output or input insertion does."""
@@ -554,13 +557,15 @@ class Site:
         if module.training:
             self._track_checkpoint()
         adapter = self.single_fused
-        if adapter is not None and type(output) is torch.Tensor and not self._routing():
+        if adapter is not None and type(output) is torch.Tensor and not (self.owner is not None and self.owner.open_routes):
             # The LoRA-on-Linear case, kept to a few checks and two kernels per call.
             if adapter.training != module.training:
                 adapter.train(module.training)
-            fused = adapter.add_to(adapter.input_selector.get(args, kwargs), output)
-            if fused is not None:
-                return fused
+            x = args[0] if args and adapter.input_selector.select is None else adapter.input_selector.get(args, kwargs)
+            if type(x) is torch.Tensor:
+                fused = adapter.add_to(x, output)
+                if fused is not None:
+                    return fused
         if not self.parallel_in_forward_hook and self.parallel_adapters:
             return self._compose_stacked(module, args, kwargs, output)
         training = module.training
