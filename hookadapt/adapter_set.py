@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import itertools
+import sys
 import threading
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -21,6 +22,7 @@ from .sizes import network_sizes, probe_sizes
 from .targets import RESERVED, candidate_modules, resolve_targets
 from .tree import (
     callable_hosts,
+    check_not_distributed,
     device_of,
     hold,
     holder_key,
@@ -69,6 +71,7 @@ class AdapterSet:
         if not isinstance(model, nn.Module):
             msg = f"model must be a torch.nn.Module, got {type(model).__name__}"
             raise TypeError(msg)
+        check_not_distributed(model)
         model = unwrap_model(model)
         self._model_ref = weakref.ref(model)
         self.specs: dict[str, AdapterSpec] = parse_config(config)
@@ -150,8 +153,12 @@ class AdapterSet:
         # Number of `route` blocks open on any thread; the hooks skip route look-ups while it is 0.
         self.open_routes = 0
         self._route_lock = threading.Lock()
+        # Set after the first training forward showed that no DistributedDataParallel runs the
+        # model without these adapters' parameters.
+        self.ddp_checked = False
         # Tokens of checkpointed forwards that backward has yet to recompute (hookadapt.recompute).
         self.pending_recompute: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.attached_shapes: dict[str, tuple[int, ...]] = {}
         self._flags: dict[nn.Parameter, bool] = {}
         # Set by load_adapters: the keys that a load skipped (hookadapt.checkpoint.LoadResult).
         self.load_result: Any = None
@@ -250,6 +257,8 @@ class AdapterSet:
                 site.register()
             _LIVE.setdefault(self.model, []).append(weakref.ref(self))
             self.is_attached = True
+            # save_adapters compares against these to recognise sharded or flattened tensors.
+            self.attached_shapes = {key: tuple(value.shape) for key, value in self.state_dict().items()}
         except BaseException:
             self._undo()
             raise
@@ -455,6 +464,28 @@ class AdapterSet:
         for adapter in self.all_adapters():
             for param in adapter.parameters():
                 param.requires_grad_(adapter.name in chosen)
+
+    def check_ddp(self) -> None:
+        """Raise when a DistributedDataParallel forward runs adapters whose gradients it does not synchronise.
+
+        That happens when the adapters were attached to ``ddp.module`` after
+        wrapping; the check runs on the first training forward.
+        """
+        ddp = sys.modules.get("torch.nn.parallel.distributed")
+        active = ddp.DistributedDataParallel._get_active_ddp_module() if ddp is not None else None
+        synced = getattr(active, "_module_parameters", None)
+        if synced is not None:
+            known = {id(param) for param in synced}
+            missing = [name for name, param in self.named_parameters() if param.requires_grad and id(param) not in known]
+            if missing:
+                msg = (
+                    f"adapters {', '.join(map(repr, self.specs))} run inside a DistributedDataParallel that "
+                    f"was built before they were attached, so it would not synchronise their gradients "
+                    f"({len(missing)} parameters, first {missing[0]!r}) and each rank would train its own; "
+                    f"attach the adapters to the bare model first, then wrap it"
+                )
+                raise AttachError(msg)
+        self.ddp_checked = True
 
     def current_route(self) -> Route | None:
         """Return the per-sample route of the calling thread's active `route` block, or None."""

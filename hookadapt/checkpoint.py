@@ -16,6 +16,7 @@ import fnmatch
 import itertools
 import json
 import os
+import sys
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -79,16 +80,58 @@ class StoredAdapters:
 def model_fingerprint(model: nn.Module, paths: Iterable[str]) -> dict[str, dict[str, Any]]:
     """Return ``{path: {"class": name, "tensors": {name: shape}}}`` of the base modules at ``paths``."""
     modules = candidate_modules(unwrap_model(model))
+    return fingerprint_modules({path: modules[path] for path in paths})
+
+
+def fingerprint_modules(modules: Mapping[str, nn.Module]) -> dict[str, dict[str, Any]]:
+    """Return the fingerprint of base modules given by path, as `model_fingerprint` does."""
     result = {}
-    for path in paths:
-        module = modules[path]
+    for path, module in modules.items():
         tensors = {
             name: list(tensor.shape)
             for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers())
             if RESERVED not in name.split(".")
         }
-        result[path] = {"class": type(module).__qualname__, "tensors": tensors}
+        result[path] = {"class": _class_name(module), "tensors": tensors}
     return result
+
+
+def _class_name(module: nn.Module) -> str:
+    # fully_shard swaps a module's class for a generated FSDPModule subclass (FSDPLinear for
+    # Linear); the fingerprint names the model's own class, so sharded and plain runs agree.
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    generated = getattr(fsdp, "FSDPModule", None)
+    for cls in type(module).__mro__:
+        if generated is None or not issubclass(cls, generated):
+            return cls.__qualname__
+    return type(module).__qualname__
+
+
+def _check_unsharded(adapter_set: AdapterSet, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Raise when a tensor's shape differs from its shape at attach time, as FSDP's flat shards do."""
+    for key, value in state.items():
+        expected = adapter_set.attached_shapes.get(key)
+        if expected is not None and tuple(value.shape) != expected:
+            msg = (
+                f"cannot save adapters to {str(path)!r}: tensor {key!r} has shape {tuple(value.shape)} but had "
+                f"{expected} when attached, so the parameters look sharded or flattened (FullyShardedDataParallel "
+                f"keeps flat shards outside forward); call save_adapters on every rank inside "
+                f"`with FullyShardedDataParallel.summon_full_params(model):`"
+            )
+            raise CheckpointError(msg)
+
+
+def _gather_sharded(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+    """Return ``state`` with every DTensor gathered into a full tensor, and whether any was gathered.
+
+    Gathering is a collective, so every rank of the DTensors' mesh must call it.
+    """
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(dtensor_module, "DTensor", None)
+    if dtensor is None or not any(isinstance(value, dtensor) for value in state.values()):
+        return state, False
+    gathered = {key: value.full_tensor() if isinstance(value, dtensor) else value for key, value in state.items()}
+    return gathered, True
 
 
 def _current_spec(adapter_set: AdapterSet, name: str) -> AdapterSpec:
@@ -174,8 +217,18 @@ def save_adapters(
         msg = f"cannot save adapters to {str(path)!r}: folder {str(path.parent)!r} does not exist; create it first"
         raise CheckpointError(msg)
 
-    tensors, aliases = _deduplicate(adapter_set.state_dict(chosen))
+    state = adapter_set.state_dict(chosen)
+    _check_unsharded(adapter_set, state, path)
+    state, collective = _gather_sharded(state)
+    if collective and torch.distributed.get_rank() != 0:
+        # Every rank took part in the gather; rank 0 alone writes the file.
+        return path
+    tensors, aliases = _deduplicate(state)
+    hosts = {site.path: site.host for site in adapter_set.sites}
     sites = [site for name in chosen for site in adapter_set.adapters[name]]
+    # The modules the set holds, not a fresh path look-up: wrappers such as FSDP's may
+    # have inserted modules into the paths since the adapters attached.
+    base_modules = {path: hosts[path] for path in sites} | dict(adapter_set.train_modules)
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -183,7 +236,7 @@ def save_adapters(
         "config": json.dumps(config_to_dict({name: _current_spec(adapter_set, name) for name in chosen})),
         "sizes": json.dumps(adapter_set.sizes(chosen)),
         "train_modules": json.dumps(list(adapter_set.train_modules)),
-        "base_model": json.dumps(model_fingerprint(adapter_set.model, dict.fromkeys([*sites, *adapter_set.train_modules]))),
+        "base_model": json.dumps(fingerprint_modules(base_modules)),
         "aliases": json.dumps(aliases),
     }
 
@@ -414,6 +467,7 @@ def load_adapters(
     """
     stored = read_checkpoint(path)
     path = stored.path
+    wrapped = model
     model = unwrap_model(model)
     if stored.format == "peft":
         modules = candidate_modules(model)
@@ -448,7 +502,7 @@ def load_adapters(
     if fresh:
         try:
             adapter_set = AdapterSet(
-                model,
+                wrapped,
                 specs,
                 freeze_base=freeze_base,
                 train_modules=stored.train_modules,

@@ -514,21 +514,26 @@ class Site:
             if adapter.training != training:
                 adapter.train(training)
 
-    def _track_checkpoint(self) -> None:
-        """Record a forward that gradient checkpointing will recompute, or clear it when this is the recomputation."""
+    def _check_training_call(self) -> None:
+        """Track gradient checkpointing, and on the first training call check DistributedDataParallel."""
+        owner = self.owner
+        if owner is None or torch.compiler.is_compiling():
+            return
+        if not owner.ddp_checked and torch.is_grad_enabled():
+            owner.check_ddp()
         found = checkpoint_call(self.path)
-        if found is None or self.owner is None:
+        if found is None:
             return
         token, recomputing = found
         if recomputing:
-            self.owner.pending_recompute.discard(token)
+            owner.pending_recompute.discard(token)
         else:
-            self.owner.pending_recompute.add(token)
+            owner.pending_recompute.add(token)
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         training = module.training
         if training and not self.active_outputs:
-            self._track_checkpoint()
+            self._check_training_call()
         changed = False
         for adapter in self.active_inputs:
             if adapter.training != training:
@@ -555,7 +560,7 @@ class Site:
 
     def _forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if module.training:
-            self._track_checkpoint()
+            self._check_training_call()
         adapter = self.single_fused
         if adapter is not None and type(output) is torch.Tensor and not (self.owner is not None and self.owner.open_routes):
             # The LoRA-on-Linear case, kept to a few checks and two kernels per call.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,6 +51,36 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def check_not_distributed(model: nn.Module) -> None:
+    """Raise when ``model`` is already wrapped for distributed training, which would leave new adapters unsynchronised.
+
+    `DistributedDataParallel` records its parameters when it is built and
+    FSDP shards the parameters it finds then, so adapters attached later
+    would train separately on every rank.
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        wrapper = "DistributedDataParallel"
+    else:
+        wrapper = None
+        fsdp = sys.modules.get("torch.distributed.fsdp")
+        classes = tuple(
+            cls for cls in (getattr(fsdp, "FSDPModule", None), getattr(fsdp, "FullyShardedDataParallel", None)) if cls
+        )
+        for path, module in model.named_modules():
+            if classes and isinstance(module, classes):
+                wrapper = f"FSDP (at {path or 'the root'!r})"
+                break
+    if wrapper is None:
+        return
+    msg = (
+        f"cannot attach adapters to a model already wrapped in {wrapper}: the wrapper registered or "
+        f"sharded the parameters it found when it was built, so it would not synchronise adapters "
+        f"added now and each rank would train its own. Attach the adapters to the bare model first, "
+        f"then wrap it"
+    )
+    raise AttachError(msg)
 
 
 class AdapterHolder(nn.Module):

@@ -291,10 +291,10 @@ def distributed(model: nn.Module) -> Iterator[nn.Module]:
             os.environ["GLOO_SOCKET_IFNAME"] = previous
 
 
+# Wrappers that adapters may attach through; DistributedDataParallel needs them attached before wrapping.
 WRAPPERS = [
     pytest.param(compiled, id="compile"),
     pytest.param(data_parallel, id="data-parallel"),
-    pytest.param(distributed, id="ddp"),
     pytest.param(compiled_data_parallel, id="compile-of-data-parallel"),
 ]
 
@@ -353,6 +353,44 @@ class TestWrappers:
         assert sets == [loaded], "the adapters are not attached to the wrapped module"
         assert list(state) == list(saved["state"]), "the wrapper loaded other keys"
         assert torch.equal(output, saved["output"]), "the wrapper gives another output"
+
+
+class TestDistributedWrapper:
+    """Adapters attach before DistributedDataParallel wraps the model, and save the same keys."""
+
+    def test_attach_to_ddp_raises(self) -> None:
+        model = toy()
+        before = snapshot(model)
+        with distributed(model) as wrapped:
+            with pytest.raises(hookadapt.AttachError, match="adapters to the bare model first"):
+                attach_random(wrapped)
+        assert_restored(model, before)
+
+    def test_load_into_ddp_raises(self, tmp_path: Path) -> None:
+        saved = save_toy(tmp_path / "bare.safetensors")
+        model = toy()
+        before = snapshot(model)
+        with distributed(model) as wrapped:
+            with pytest.raises(hookadapt.AttachError, match="already wrapped in DistributedDataParallel"):
+                hookadapt.load_adapters(wrapped, saved["path"])
+        assert_restored(model, before)
+
+    def test_attached_before_wrap_keys_match_bare(self, tmp_path: Path) -> None:
+        bare = save_toy(tmp_path / "bare.safetensors")
+        model = toy()
+        adapter_set = attach_random(model)
+        with distributed(model) as wrapped:
+            run(wrapped, toy_input())
+            hookadapt.save_adapters(adapter_set, tmp_path / "wrapped.safetensors")
+        adapter_set.detach()
+        bare_tensors, bare_metadata = read_file(bare["path"])
+        tensors, metadata = read_file(tmp_path / "wrapped.safetensors")
+
+        assert list(tensors) == list(bare_tensors), "the wrapped model saved other keys"
+        for key, value in bare_tensors.items():
+            assert torch.equal(tensors[key], value), f"tensor {key} differs"
+        for field in ("config", "sizes", "train_modules", "base_model", "aliases"):
+            assert metadata[field] == bare_metadata[field], f"metadata {field} differs"
 
 
 # Shared storage.
