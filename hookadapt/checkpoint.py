@@ -97,8 +97,8 @@ def fingerprint_modules(modules: Mapping[str, nn.Module]) -> dict[str, dict[str,
 
 
 def _class_name(module: nn.Module) -> str:
-    # fully_shard swaps a module's class for a generated FSDPModule subclass (FSDPLinear for
-    # Linear); the fingerprint names the model's own class, so sharded and plain runs agree.
+    # fully_shard swaps a module's class for a generated FSDPModule subclass, such as FSDPLinear.
+    # The fingerprint names the model's own class, so sharded and plain runs agree.
     fsdp = sys.modules.get("torch.distributed.fsdp")
     generated = getattr(fsdp, "FSDPModule", None)
     for cls in type(module).__mro__:

@@ -337,11 +337,11 @@ class _Hook:
 class Site:
     """The adapters of one adapter set at one host, and the hooks that run them.
 
-    Everything that does not change between calls is worked out in
-    `refresh`, which runs when the site is registered and whenever one of
-    its adapters is enabled, disabled, merged or unmerged: which adapters
-    run before the host, which after it, and whether each hook is needed at
-    all. A hook with nothing to run is taken out of the host.
+    `refresh` works out everything that does not change between calls:
+    which adapters run before the host, which after it, and whether each
+    hook is needed at all. It runs when the site is registered and whenever
+    one of its adapters is enabled, disabled, merged or unmerged. A hook
+    with nothing to run is taken out of the host.
     """
 
     def __init__(self, path: str, host: nn.Module, adapters: list[Adapter], owner: Any = None) -> None:
