@@ -379,10 +379,8 @@ class Site:
         # the tensors saved for backward.
         self.copy_parallel_input = not self.parallel_in_forward_hook
         # Parallel results wait here between the pre-hook and the forward hook of one call.
-        # A stack per thread keeps re-entrant calls and concurrent threads apart. Inside
-        # torch.compile, which cannot trace thread-local storage, a plain list serves instead.
+        # A stack per thread keeps re-entrant calls and concurrent threads apart.
         self._local = threading.local()
-        self._compiled_stack: list[dict[Any, Any]] = []
         for adapter in adapters:
             adapter._site = self
 
@@ -390,7 +388,6 @@ class Site:
         # Per-call state belongs to running forwards, so copies and pickles start without it.
         state = dict(self.__dict__)
         del state["_local"]
-        state["_compiled_stack"] = []
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -453,8 +450,6 @@ class Site:
             hook.unpark()
 
     def _stack(self) -> list[dict[Adapter, torch.Tensor]]:
-        if torch.compiler.is_compiling():
-            return self._compiled_stack
         try:
             return self._local.stack
         except AttributeError:

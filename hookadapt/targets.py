@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -29,6 +30,20 @@ def candidate_modules(model: nn.Module) -> dict[str, nn.Module]:
         for path, module in model.named_modules()
         if RESERVED not in path.split(".")
     }
+
+
+def module_aliases(model: nn.Module) -> dict[str, str]:
+    """Return every path of the model's modules, each mapped to its module's first path.
+
+    A module reachable under two names (``self.second = self.first``) is one
+    host, so a target may name either path and the site takes the first.
+    """
+    first: dict[int, str] = {}
+    aliases = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if RESERVED not in path.split("."):
+            aliases[path] = first.setdefault(id(module), path)
+    return aliases
 
 
 def _glob_to_regex(pattern: str) -> str:
@@ -83,7 +98,7 @@ def _closest(pattern: str, paths: Iterable[str]) -> list[str]:
     return [path for path in paths if path.split(".")[0] == head][:5] or paths[:5]
 
 
-def _match(adapter: str, field: str, patterns: tuple[str, ...], modules: dict[str, nn.Module]) -> list[str]:
+def _match(adapter: str, field: str, patterns: tuple[str, ...], modules: Mapping[str, Any]) -> list[str]:
     matched: dict[str, None] = {}
     for pattern in patterns:
         regex = compile_pattern(pattern, adapter=adapter, field=field)
@@ -115,9 +130,10 @@ def resolve_targets(
     """
     if modules is None:
         modules = candidate_modules(model)
-    selected = set(_match(adapter, "target", target, modules))
+    aliases = module_aliases(model)
+    selected = {aliases[path] for path in _match(adapter, "target", target, aliases)}
     if exclude:
-        selected -= set(_match(adapter, "exclude", exclude, modules))
+        selected -= {aliases[path] for path in _match(adapter, "exclude", exclude, aliases)}
         if not selected:
             msg = (
                 f"adapter {adapter!r}: exclude {list(exclude)!r} removes every module that "

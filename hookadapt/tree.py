@@ -101,13 +101,15 @@ class AdapterHolder(nn.Module):
         raise AttachError(msg)
 
     def named_children(self) -> Iterator[tuple[str, nn.Module]]:
-        # torch.fx.symbolic_trace records torch.nn layers as opaque calls without running their
-        # hooks, so a traced graph would silently lack the adapters. The tracer walks every
-        # module's children before it starts, which is the one place hookadapt can stop it.
+        # torch.fx.symbolic_trace traces through the forward of the root and of every module
+        # outside torch.nn without running their hooks, so the graph would silently lack
+        # adapters at such hosts. The tracer walks every module's children before it starts,
+        # which is the one place hookadapt can stop it.
         if _fx_symbolic_tracing():
             msg = (
                 f"torch.fx.symbolic_trace cannot trace attached adapters ({', '.join(map(repr, self._modules))}): "
-                f"fx does not run module hooks, so the graph would leave them out. Merge LoRA and IA3 "
+                f"fx does not run the hooks of the modules it traces through, so the graph would leave "
+                f"adapters out. Merge LoRA and IA3 "
                 f"adapters into the weights first (adapter_set.merge_and_detach()), or trace with "
                 f"torch.compile or torch.jit.trace, which run the hooks"
             )

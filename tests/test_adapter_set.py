@@ -823,17 +823,21 @@ class TestContainers:
         assert_restored(model, before)
 
     ROOTS = [
-        pytest.param(lambda: nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), "", id="root-host"),
+        pytest.param(lambda: nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)), "", "0", "a@^", id="root-host"),
         pytest.param(
             lambda: nn.Sequential(nn.Sequential(nn.Linear(8, 8), nn.ReLU()), nn.Linear(8, 8)),
             "0",
+            "0.0",
+            "a@^0",
             id="sequential-in-root",
         ),
     ]
 
-    @pytest.mark.parametrize(("make_model", "target"), ROOTS)
-    def test_bare_sequential_outside_tree(self, make_model: Callable[[], nn.Module], target: str) -> None:
-        """With only containers above the host the adapters stay outside the tree and still run."""
+    @pytest.mark.parametrize(("make_model", "target", "owner", "key"), ROOTS)
+    def test_bare_sequential_descendant_owner(
+        self, make_model: Callable[[], nn.Module], target: str, owner: str, key: str
+    ) -> None:
+        """With only containers above the host, the first module below it keeps the adapters."""
         torch.manual_seed(0)
         model = make_model().eval()
         x = toy_input()
@@ -842,18 +846,37 @@ class TestContainers:
 
         adapter_set = hookadapt.attach(model, {"a": bottleneck(target)})
         randomize(adapter_set)
-        state_keys = list(model.state_dict())
+        holder = model.get_submodule(owner)._modules.get("_hookadapt")
+        registered = holder is not None and holder._modules.get(key) is adapter_set.adapters["a"][target]
         model_params = {id(param) for param in model.parameters()}
         length = len(model)
         output = run(model, x)
         adapter_set.detach()
 
-        assert state_keys == list(before.state), "the adapters entered model.state_dict()"
-        assert not any(id(param) in model_params for param in adapter_set.parameters()), "an adapter is in the tree"
+        assert registered, f"the adapter is not registered on {owner!r} under {key!r}"
+        assert all(id(param) in model_params for param in adapter_set.parameters()), "an adapter is outside the tree"
         assert length == len(before.children[""]), "the root Sequential changed length"
         assert not torch.equal(output, base), "the adapter did not change the output"
         assert_restored(model, before)
         assert torch.equal(run(model, x), base), "output differs after detach"
+
+    def test_container_only_subtree_outside_tree(self) -> None:
+        """A host whose subtree holds containers only keeps its adapters outside the tree, and they still run."""
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Sequential(), nn.Linear(8, 8)).eval()
+        x = toy_input()
+        base = run(model, x)
+        before = snapshot(model)
+
+        adapter_set = hookadapt.attach(model, {"a": bottleneck("0", in_features=8, out_features=8)})
+        randomize(adapter_set)
+        state_keys = list(model.state_dict())
+        output = run(model, x)
+        adapter_set.detach()
+
+        assert state_keys == list(before.state), "the adapters entered model.state_dict()"
+        assert not torch.equal(output, base), "the adapter did not change the output"
+        assert_restored(model, before)
 
 
 def test_repr_lists_every_site(minilm: nn.Module) -> None:

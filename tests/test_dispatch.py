@@ -323,4 +323,4 @@ class TestCompiled:
         x = torch.randn(2, 6)
         compiled = torch.compile(model, backend="eager", fullgraph=True)
         torch.testing.assert_close(compiled(x), model(x))
-        assert adapter_set.sites[0]._compiled_stack == []
+        assert adapter_set.sites[0]._stack() == []
