@@ -515,6 +515,14 @@ def load_adapters(
         adapter_set = _existing_set(path, specs, stored.sizes, live)
 
     live_tensors = _live_tensors(adapter_set, specs)
+    on_meta = [key for key, value in live_tensors.items() if value.is_meta]
+    if on_meta:
+        msg = (
+            f"cannot load adapter checkpoint {str(path)!r}: the model is on the meta device, which holds no "
+            f"values, so tensor {on_meta[0]!r} could not take the saved ones; materialize the model first, "
+            f"for example with model.to_empty(device='cpu') and its base weights, then load"
+        )
+        raise CheckpointError(msg)
     result = _compare(live_tensors, tensors)
     if strict and (result.missing or result.unexpected or result.mismatched):
         raise _mismatch_error(path, result, strict=True)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import ShapeError
+from .targets import RESERVED
 from .selection import InputSelector, OutputSelector
 from .config import AdapterSpec
 
@@ -52,8 +53,9 @@ def host_sizes(host: nn.Module) -> Sizes:
     if in_size is not None and out_size is not None:
         return in_size, out_size
     first_in = last_out = None
-    for module in host.modules():
-        if module is host:
+    for path, module in host.named_modules():
+        # Adapters that other sets attached to this host declare sizes too, but not the host's.
+        if module is host or RESERVED in path.split("."):
             continue
         child_in, child_out = declared_sizes(module)
         if first_in is None and child_in is not None:
