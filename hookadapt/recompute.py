@@ -18,6 +18,7 @@ the check is skipped.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 from types import FrameType
@@ -51,7 +52,9 @@ def _hook_frame() -> tuple[Any, bool] | None:
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
     if hooks is None:
         return None
-    pack = hooks[0]
+    # torch wraps the recomputation's pack hook in torch._dynamo.disable, which keeps the
+    # original function as __wrapped__.
+    pack = inspect.unwrap(hooks[0])
     code = getattr(pack, "__code__", None)
     if code is None or not code.co_filename.endswith(_CHECKPOINT_FILE) or not pack.__closure__:
         return None

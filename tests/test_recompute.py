@@ -44,6 +44,21 @@ def test_detach_after_backward(reentrant: bool) -> None:
 
 
 @REENTRANT
+def test_detach_after_backward_graph_alive(reentrant: bool) -> None:
+    # The L2 term keeps the checkpointed graph alive after backward, so only the
+    # recomputation itself can clear the pending forward.
+    model = block()
+    x = torch.randn(3, 4, requires_grad=True)
+    config = {"a": {**CONFIG["a"], "strategy": {"kind": "residual_add", "l2_lambda": 0.5}}}
+    with hookadapt.adapters(model, config) as adapter_set:
+        output = checkpoint(model, x, use_reentrant=reentrant)
+        output.sum().backward()
+        penalty = adapter_set.auxiliary_loss()
+    assert not adapter_set.is_attached
+    assert penalty.dim() == 0
+
+
+@REENTRANT
 def test_dropped_forward_allows_detach(reentrant: bool) -> None:
     model = block()
     x = torch.randn(3, 4, requires_grad=True)
