@@ -90,18 +90,6 @@ class AdapterSet:
             raise AttachError(msg)
         # Sets to detach before this one attaches; nothing is detached until everything is built.
         self._replaces = list({id(live_names[name]): live_names[name] for name in clashes}.values())
-        # Sets detach newest first, so the sets to replace must be the newest ones on the model.
-        if self._replaces:
-            oldest = min(other.serial for other in self._replaces)
-            blocking = [other for other in attached(model) if other.serial > oldest and other not in self._replaces]
-            if blocking:
-                names = ", ".join(repr(name) for other in blocking for name in other.specs)
-                msg = (
-                    f"cannot replace adapters {', '.join(map(repr, clashes))}: adapters {names}, attached later "
-                    f"to the same model, would have to detach first, because adapter sets detach in reverse "
-                    f"order of attaching; detach them first, or replace them too by naming them in the config"
-                )
-                raise AttachError(msg)
 
         modules = candidate_modules(model)
         self.train_modules = self._resolve_train_modules(train_modules, modules)
@@ -159,6 +147,20 @@ class AdapterSet:
             adapter.strategy._auxiliary_losses = self._auxiliary_losses
         check_members(self)
         self._owners = {adapter: self._owner_of(adapter.path, modules) for adapter in self.all_adapters()}
+
+        # Sets detach newest first, so the sets to replace must be the newest ones on the model.
+        if self._replaces:
+            oldest = min(other.serial for other in self._replaces)
+            blocking = [other for other in attached(model) if other.serial > oldest and other not in self._replaces]
+            if blocking:
+                names = ", ".join(repr(name) for other in blocking for name in other.specs)
+                msg = (
+                    f"cannot replace adapters {', '.join(map(repr, clashes))}: adapters {names}, attached later "
+                    f"to the same model, would have to detach first, because adapter sets detach in reverse "
+                    f"order of attaching; detach them first, or replace them too by naming them in the config"
+                )
+                raise AttachError(msg)
+
         # The original parameters of hosts that merged adapters changed, for a bitwise unmerge.
         self._merge_backups: dict[nn.Module, dict[str, torch.Tensor]] = {}
         self._route_state = threading.local()
