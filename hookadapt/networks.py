@@ -157,9 +157,11 @@ class LoRA(nn.Module):
         """
         if self.uses_dropout:
             x = self.dropout(x)
+        # The parameter dicts give the same tensors as attribute access (FSDP swaps entries
+        # there too), without nn.Module.__getattr__, which costs microseconds per call.
         modules = self._modules
-        down = F.linear(x, modules["lora_A"].weight)
-        up = modules["lora_B"].weight.t()
+        down = F.linear(x, modules["lora_A"]._parameters["weight"])
+        up = modules["lora_B"]._parameters["weight"].t()
         if y.dim() == 2:
             return torch.addmm(y, down, up, alpha=self.scaling)
         summed = torch.addmm(y.reshape(-1, y.shape[-1]), down.reshape(-1, self.rank), up, alpha=self.scaling)

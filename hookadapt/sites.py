@@ -111,7 +111,8 @@ class Adapter(nn.Module):
         The fused step applies only to a ``residual_add`` strategy that does
         nothing but add: in eval mode, or in training without stochastic
         depth or an L2 loss. Both tensors must already have the adapter's
-        dtype and device and matching batch shapes.
+        dtype and device, and the same shape up to the last dimension, as
+        the input and output of `torch.nn.Linear` have.
         """
         # Plain references skip nn.Module.__getattr__, which costs more than the checks here.
         network, strategy = self._fused_parts
@@ -120,8 +121,7 @@ class Adapter(nn.Module):
         dtype = self.dtype
         if x.dtype != dtype or y.dtype != dtype or self.outside_tree:
             return None
-        shape = x.shape
-        if not shape or shape[-1] != self.in_features or y.shape[-1] != self.out_features or shape[:-1] != y.shape[:-1]:
+        if not x.dim() or x.shape[-1] != self.in_features or y.shape[-1] != self.out_features:
             return None
         return network.forward_add(x, y)
 
@@ -258,6 +258,11 @@ _INPUT_PRESERVING_FORWARDS = frozenset(
 )
 
 
+# Built-in layers whose output has the same shape as their input up to the last dimension,
+# where a LoRA branch can be added row by row in one matrix product.
+_ROW_WISE_FORWARDS = frozenset(cls.forward for cls in (nn.Linear, nn.LayerNorm, nn.RMSNorm))
+
+
 def preserves_input(host: nn.Module) -> bool:
     """Return True when the host's forward is a built-in one known to leave its input unchanged."""
     return "forward" not in host.__dict__ and type(host).forward in _INPUT_PRESERVING_FORWARDS
@@ -366,6 +371,8 @@ class Site:
         self.parallel_adapters = [adapter for adapter in adapters if adapter.insertion == "parallel"]
         # At a host that never changes its input, parallel networks run in the forward hook.
         self.parallel_in_forward_hook = preserves_input(host)
+        # Whether fusable adapters may take the fused step at this host.
+        self.fuses = self.parallel_in_forward_hook and type(host).forward in _ROW_WISE_FORWARDS
         self.pre_hook: _Hook | None = None
         self.forward_hook: _Hook | None = None
         # The adapters that run now, in order; set by refresh.
@@ -433,7 +440,7 @@ class Site:
         early_parallel = self.active_parallel and not self.parallel_in_forward_hook
         only = self.active_outputs[0] if len(self.active_outputs) == 1 and not self.active_inputs else None
         fast = only is not None and only.fusable and only.insertion == "parallel" and only not in self.members
-        self.single_fused = only if fast and self.parallel_in_forward_hook else None
+        self.single_fused = only if fast and self.fuses else None
         self._set_parked(self.pre_hook, not (self.active_inputs or early_parallel))
         self._set_parked(self.forward_hook, not self.active_outputs)
         # Compiled graphs may have inlined the old plan, parked or not.
@@ -583,7 +590,7 @@ class Site:
     def _apply_parallel(self, adapter: Adapter, y: torch.Tensor, args: tuple, kwargs: dict, training: bool) -> torch.Tensor:
         """Adapt ``y`` with a parallel adapter whose network reads the host input from ``args``."""
         members = self.members.get(adapter, ())
-        if adapter.fusable and not members and not self._routing():
+        if adapter.fusable and self.fuses and not members and not self._routing():
             fused = adapter.add_to(adapter.input_selector.get(args, kwargs), y)
             if fused is not None:
                 return fused
