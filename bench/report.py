@@ -2,7 +2,8 @@
 
 The page lists every bar with PASS or MISS, then each case with its setup,
 every variant's median, interquartile range and min–max, and every
-comparison. Each missed bar gets a placeholder line for the reason.
+comparison. Each missed bar gets a line with its known reason from
+MISS_REASONS, or a request to rerun on an idle machine.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def _format_limit(entry: dict[str, Any]) -> str:
 
 
 def bars_section(cases: list[dict[str, Any]]) -> list[str]:
-    """Return the table of every bar and, for each miss, a placeholder line for the reason."""
+    """Return the table of every bar and, for each miss, a line with its known reason."""
     entries = [entry for case in cases for entry in case["bars"]]
     rows = [
         [entry["bar"], _format_bar_value(entry), _format_limit(entry), "PASS" if entry["pass"] else "**MISS**"]

@@ -129,7 +129,8 @@ class AdapterHolder(nn.Module):
 
 
 def _fx_symbolic_tracing() -> bool:
-    # is_fx_symbolic_tracing (torch 2.6 and later) excludes torch.export, which runs the hooks.
+    # is_fx_symbolic_tracing (present in torch 2.13, absent from older releases) excludes
+    # torch.export, which runs the hooks.
     check = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None)
     if check is None:
         return torch.fx._symbolic_trace.is_fx_tracing()
