@@ -39,4 +39,4 @@ bench-quick: $(VENV)/.installed-bench
 	$(BIN)/python bench/run.py --quick $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-adapterhub build *.egg-info .pytest_cache
