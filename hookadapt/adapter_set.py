@@ -364,7 +364,8 @@ class AdapterSet:
                 f"cannot detach adapters {', '.join(map(repr, self.specs))}: {len(self.pending_recompute)} "
                 f"forward(s) under torch.utils.checkpoint still wait for backward(), which would recompute "
                 f"them without the adapters and give wrong gradients; call backward() before detaching "
-                f"(inside the `with` block), or delete the outputs and the loss to drop those forwards"
+                f"(inside the `with` block), or delete the outputs and the loss to drop those forwards "
+                f"(recorded L2 terms keep them too: call adapter_set.auxiliary_loss() to release those)"
             )
             raise AttachError(msg)
         later = [other for other in attached(self.model) if other.serial > self.serial]

@@ -40,7 +40,13 @@ class Route:
 
     def indices(self, name: str, tensor: torch.Tensor, *, site: str) -> torch.Tensor:
         """Return the batch positions routed to adapter ``name``, on ``tensor``'s device."""
-        if tensor.dim() == 0 or tensor.shape[0] != self.size:
+        if tensor.dim() < 2:
+            msg = (
+                f"adapters at {site!r}: route() needs a batch dimension, but the tensor there has shape "
+                f"{tuple(tensor.shape)}; call the model on a batch, with the samples in dimension 0"
+            )
+            raise SelectionError(msg)
+        if tensor.shape[0] != self.size:
             found = tensor.shape[0] if tensor.dim() else "no batch dimension"
             msg = (
                 f"adapters at {site!r}: the route has {self.size} entries but the tensor there has "
@@ -124,11 +130,23 @@ def merge_adapters(adapter_set: AdapterSet, adapters: list[Adapter]) -> None:
         host = adapter_set.model.get_submodule(adapter.path)
         kind = _merge_kind(adapter, host)
         if kind is None or not adapter.enabled or adapter.strategy.members:
+            options = adapter.spec.strategy.options
+            extras = ", ".join(
+                f"{key}={options[key]}" for key in ("stochastic_depth", "l2_lambda") if options.get(key, 0)
+            )
+            state = [] if adapter.enabled else ["disabled"]
+            if adapter.strategy.members:
+                state.append("a meta adapter")
+            found = (
+                f"{adapter.spec.network.kind!r} with {adapter.insertion!r} insertion and "
+                f"{adapter.spec.strategy.kind!r}{f' ({extras})' if extras else ''} on {type(host).__name__}"
+                f"{''.join(f', {item}' for item in state)}"
+            )
             msg = (
                 f"adapter {adapter.name!r} at {adapter.path!r} cannot be merged: merging folds an enabled 'lora' "
                 f"(parallel, residual_add, no stochastic depth or l2 term) or 'scale' (input or output, multiply) "
-                f"adapter into an nn.Linear host, found {adapter.spec.network.kind!r} with {adapter.insertion!r} "
-                f"insertion and {adapter.spec.strategy.kind!r} on {type(host).__name__}"
+                f"adapter into an nn.Linear host, found {found}; change or remove what differs, or keep the "
+                f"adapter unmerged"
             )
             raise AttachError(msg)
         plans.append((adapter, host, kind))

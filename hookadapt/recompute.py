@@ -49,7 +49,8 @@ def _reentrant_locals(method: str) -> dict[str, Any] | None:
 
 def _hook_frame() -> tuple[Any, bool] | None:
     """Return the non-reentrant checkpoint frame behind the active saved-tensor hooks, and whether it recomputes."""
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = top(False) if top is not None else None
     if hooks is None:
         return None
     # torch wraps the recomputation's pack hook in torch._dynamo.disable, which keeps the

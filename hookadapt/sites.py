@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -299,8 +300,9 @@ class _Hook:
 
     def __init__(self, handle: RemovableHandle) -> None:
         self.handle = handle
-        # (hook function, ids of the hooks before it, extra dicts that listed its id) while parked.
-        self.parked: tuple[Any, set[int], list[dict[int, Any]]] | None = None
+        # (hook function, ids of the hooks before it, ids of those after it, extra dicts that listed
+        # its id) while parked.
+        self.parked: tuple[Any, set[int], set[int], list[dict[int, Any]]] | None = None
 
     def park(self) -> None:
         hooks = self.handle.hooks_dict_ref()
@@ -308,11 +310,12 @@ class _Hook:
         if self.parked is not None or hooks is None or key not in hooks:
             return
         keys = list(hooks)
-        before = set(keys[: keys.index(key)])
+        position = keys.index(key)
+        before, after = set(keys[:position]), set(keys[position + 1 :])
         # NOTE: RemovableHandle.extra_dict_ref is how torch links the with_kwargs and
         # always_call flags to a hook id; there is no public API to suspend a hook.
         extras = [extra for extra in (ref() for ref in self.handle.extra_dict_ref) if extra is not None and key in extra]
-        self.parked = (hooks.pop(key), before, extras)
+        self.parked = (hooks.pop(key), before, after, extras)
         for extra in extras:
             extra.pop(key)
 
@@ -321,13 +324,15 @@ class _Hook:
         if self.parked is None or hooks is None:
             self.parked = None
             return
-        function, before, extras = self.parked
+        function, before, after, extras = self.parked
         self.parked = None
         items = list(hooks.items())
-        position = 0
-        for index, (key, _) in enumerate(items):
-            if key in before:
-                position = index + 1
+        # Go back in front of the first hook that followed it, so hooks prepended meanwhile stay
+        # in front; with none of those left, go after the last hook that preceded it.
+        keys = [key for key, _ in items]
+        position = next((index for index, key in enumerate(keys) if key in after), None)
+        if position is None:
+            position = max((index + 1 for index, key in enumerate(keys) if key in before), default=len(keys))
         items.insert(position, (self.handle.id, function))
         hooks.clear()
         hooks.update(items)
@@ -527,10 +532,22 @@ class Site:
         if found is None:
             return
         token, recomputing = found
+        if not recomputing and not torch.is_grad_enabled():
+            self._warn_l2_without_grad()
         if recomputing:
             owner.pending_recompute.discard(token)
         else:
             owner.pending_recompute.add(token)
+
+    def _warn_l2_without_grad(self) -> None:
+        names = [adapter.name for adapter in self.adapters if adapter.enabled and getattr(adapter.strategy, "l2_lambda", 0) > 0]
+        if names:
+            warnings.warn(
+                f"adapters {', '.join(map(repr, names))} at {self.path!r} add an L2 term (l2_lambda) inside "
+                f"torch.utils.checkpoint with use_reentrant=True, whose first forward runs without grad, so "
+                f"the term gets no gradient and the penalty has no effect; use use_reentrant=False",
+                stacklevel=4,
+            )
 
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         training = module.training

@@ -105,6 +105,18 @@ class TestParking:
         assert list(model[2]._forward_hooks) == first
         assert torch.equal(model(x), expected)
 
+    def test_unpark_behind_prepended_hook(self) -> None:
+        # A hook prepended while the adapter was disabled runs first, as it would have if the
+        # adapter had stayed enabled.
+        model = nn.Sequential(nn.Linear(3, 3))
+        x = torch.ones(1, 3)
+        config = {"a": {"target": "0", "network": {"kind": "scale", "init": 2.0}, "strategy": "multiply", "insertion": "input"}}
+        adapter_set = hookadapt.attach(model, config)
+        adapter_set.disable()
+        model[0].register_forward_pre_hook(lambda module, args: (args[0] + 1,), prepend=True)
+        adapter_set.enable()
+        torch.testing.assert_close(model(x), model[0].forward((x + 1) * 2))
+
     def test_unpark_keeps_kwargs_flag(self) -> None:
         model = toy()
         adapter_set = hookadapt.attach(model, {"b": bottleneck("2")})

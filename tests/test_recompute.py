@@ -103,3 +103,32 @@ def test_eval_no_grad_tracks_nothing() -> None:
         with torch.no_grad():
             model(torch.randn(3, 4))
         assert len(adapter_set.pending_recompute) == 0
+
+
+def test_reentrant_l2_warns() -> None:
+    model = block()
+    config = {"a": {**CONFIG["a"], "strategy": {"kind": "residual_add", "l2_lambda": 0.5}}}
+    x = torch.randn(3, 4, requires_grad=True)
+    with hookadapt.adapters(model, config) as adapter_set:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            output = checkpoint(model, x, use_reentrant=True)
+        assert any("penalty has no effect" in str(item.message) for item in caught)
+        output.sum().backward()
+        adapter_set.auxiliary_loss()
+
+
+def test_pending_message_names_l2_release() -> None:
+    model = block()
+    config = {"a": {**CONFIG["a"], "strategy": {"kind": "residual_add", "l2_lambda": 0.5}}}
+    x = torch.randn(3, 4, requires_grad=True)
+    adapter_set = hookadapt.attach(model, config)
+    output = checkpoint(model, x, use_reentrant=False)
+    del output
+    gc.collect()
+    with pytest.raises(AttachError, match=r"auxiliary_loss\(\)"):
+        adapter_set.detach()
+    adapter_set.auxiliary_loss()
+    gc.collect()
+    adapter_set.detach()
+    assert not adapter_set.is_attached
