@@ -252,7 +252,7 @@ class AdapterSet:
                 return module, relative
             current = parent_path(current)
         # Every ancestor is a container, so the first other module below the host keeps the
-        # adapter; "^" and the host's path mark a host above its owner.
+        # adapter. The key's "^" and host path mark a host above its owner.
         prefix = f"{path}." if path else ""
         for candidate, module in modules.items():
             if candidate.startswith(prefix) and candidate != path and not isinstance(module, _CONTAINERS):

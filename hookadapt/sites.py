@@ -328,7 +328,7 @@ class _Hook:
         self.parked = None
         items = list(hooks.items())
         # Go back in front of the first hook that followed it, so hooks prepended meanwhile stay
-        # in front; with none of those left, go after the last hook that preceded it.
+        # in front. With none of those left, go after the last hook that preceded it.
         keys = [key for key, _ in items]
         position = next((index for index, key in enumerate(keys) if key in after), None)
         if position is None:
@@ -405,11 +405,6 @@ class Site:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._local = threading.local()
-
-    @property
-    def handles(self) -> list[RemovableHandle]:
-        """The handles of this site's registered hooks, parked or not."""
-        return [hook.handle for hook in (self.pre_hook, self.forward_hook) if hook is not None]
 
     def register(self) -> None:
         """Register this site's hooks on its host, then park those with nothing to run."""

@@ -861,7 +861,7 @@ class TestContainers:
         assert torch.equal(run(model, x), base), "output differs after detach"
 
     def test_container_only_subtree_outside_tree(self) -> None:
-        """A host whose subtree holds containers only keeps its adapters outside the tree, and they still run."""
+        """A host whose subtree contains only containers keeps its adapters outside the tree, and they still run."""
         torch.manual_seed(0)
         model = nn.Sequential(nn.Sequential(), nn.Linear(8, 8)).eval()
         x = toy_input()
