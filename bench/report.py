@@ -22,9 +22,9 @@ MISS_REASONS = {
     "LoRA step: hookadapt / PEFT": (
         "Why: the step is about 1.1 s of base-model compute, and the adapters are a small part of it. "
         "hookadapt saves PEFT's separate scale and add (one addmm per site in forward, one full-size "
-        "multiply fewer in backward), which is worth about 1 % by count of full-size operations on "
-        "the 12 sites, and it measures at 0.99 in repeated runs; the per-round spread (see the IQR "
-        "in case 1) is several times the 2 % margin of the bar."
+        "multiply fewer in backward). By count of full-size operations on the 12 sites that is worth "
+        "about 1 %, and repeated runs measure 0.99. The per-round spread (see the IQR in case 1) is "
+        "several times the 2 % margin of the bar."
     ),
     "Inference, adapters disabled / plain": _NO_HOOKS.format(state="disabled"),
     "Inference, detached / plain": _NO_HOOKS.format(state="detached"),

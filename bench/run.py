@@ -1,7 +1,7 @@
 """Benchmark hookadapt against PEFT, AdapterHub's ``adapters`` and hand-written adapters.
 
 Run ``make bench`` for a full run or ``make bench-quick`` (``--quick``) for
-a short one that checks that every case runs; bench/settings.py gives their
+a short one that checks that every case runs. bench/settings.py gives their
 repetition counts, time caps and estimated durations. The run writes
 docs/benchmarks.md and bench/results.json.
 Cases:
