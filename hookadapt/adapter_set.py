@@ -43,6 +43,11 @@ _serial = itertools.count()
 _LIVE: weakref.WeakKeyDictionary[nn.Module, list[weakref.ref[AdapterSet]]] = weakref.WeakKeyDictionary()
 
 
+def _adapter_names(adapter_sets: Iterable[AdapterSet]) -> str:
+    """Return the adapter names of ``adapter_sets``, quoted and comma-separated, for messages."""
+    return ", ".join(repr(name) for adapter_set in adapter_sets for name in adapter_set.specs)
+
+
 def attached(model: nn.Module) -> list[AdapterSet]:
     """Return the adapter sets attached to ``model``, oldest first."""
     sets = [ref() for ref in _LIVE.get(unwrap_model(model), [])]
@@ -153,7 +158,7 @@ class AdapterSet:
             oldest = min(other.serial for other in self._replaces)
             blocking = [other for other in attached(model) if other.serial > oldest and other not in self._replaces]
             if blocking:
-                names = ", ".join(repr(name) for other in blocking for name in other.specs)
+                names = _adapter_names(blocking)
                 msg = (
                     f"cannot replace adapters {', '.join(map(repr, clashes))}: adapters {names}, attached later "
                     f"to the same model, would have to detach first, because adapter sets detach in reverse "
@@ -370,7 +375,7 @@ class AdapterSet:
             raise AttachError(msg)
         later = [other for other in attached(self.model) if other.serial > self.serial]
         if later:
-            names = ", ".join(repr(name) for other in later for name in other.specs)
+            names = _adapter_names(later)
             msg = (
                 f"cannot detach adapters {', '.join(map(repr, self.specs))} while adapters {names}, "
                 f"attached later to the same model, are still attached; adapter sets detach in reverse "
